@@ -1,0 +1,1 @@
+"""The ``sequoia`` command line: a thin Typer layer over the ``sequoia`` library."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sequoia.errors import FileFormatError, TreeError
+from sequoia.errors import ConfigError, FileFormatError, TreeError
 
 TREE_FORMAT = "sequoia-tree/1"
 ROOT_PARENT = -1
+EXPORT_FORMATS = ("json", "growmap", "medusa", "vllm")
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class Tree:
 
         Every prefix of a path must be present and ranks under a node contiguous from 0.
         """
-        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for p in paths for r in p):
+        if not all(_is_int_list(p) for p in paths):
             raise TreeError("tree paths must be lists of whole-number ranks")
         keyed = {tuple(int(r) for r in p) for p in paths} | {()}
         for path in keyed:
@@ -224,25 +225,30 @@ class Tree:
         if not isinstance(growmap, dict) or "Successors" not in growmap:
             raise TreeError("not a Sequoia growmap: no 'Successors' entry")
         succ = growmap["Successors"]
-        size = int(growmap.get("size", len(succ)))
-        if len(succ) != size:
+        if not isinstance(succ, (list, tuple)) or not all(_is_int_list(k) for k in succ):
+            raise TreeError("growmap 'Successors' must be a list of lists of node ids")
+        size = growmap.get("size", len(succ))
+        if not _is_int(size) or int(size) != len(succ):
             raise TreeError(f"growmap has size {size} but {len(succ)} successor lists")
-        parents = [ROOT_PARENT] * size
+        parents = [ROOT_PARENT] * len(succ)
         seen = {0}
         for node, kids in enumerate(succ):
+            kids = [int(k) for k in kids]
+            if kids != sorted(kids):
+                raise TreeError(f"growmap node {node} lists its children out of order: {kids}")
             for kid in kids:
-                kid = int(kid)
-                if not 0 <= kid < size:
-                    raise TreeError(f"growmap node {node} has child {kid} outside 0..{size - 1}")
+                if not 0 <= kid < len(succ):
+                    raise TreeError(f"growmap node {node} has child {kid} outside 0..{len(succ) - 1}")
                 if kid in seen:
                     raise TreeError(f"growmap node {kid} has two parents or closes a cycle")
                 seen.add(kid)
                 parents[kid] = node
-        if len(seen) != size:
-            raise TreeError(f"growmap nodes {sorted(set(range(size)) - seen)[:5]} are unreachable")
+        if len(seen) != len(succ):
+            raise TreeError(f"growmap nodes {sorted(set(range(len(succ))) - seen)[:5]} are unreachable")
         tree = cls(tuple(parents), meta or {})
-        if "depth" in growmap and [int(d) for d in growmap["depth"]] != tree.depths.tolist():
-            raise TreeError("growmap 'depth' disagrees with its 'Successors'")
+        for key, derived in (("depth", tree.depths), ("mask", tree.ancestor_mask)):
+            if key in growmap and not np.array_equal(np.asarray(growmap[key]), np.asarray(derived)):
+                raise TreeError(f"growmap '{key}' disagrees with its 'Successors'")
         return tree
 
     def to_json(self) -> dict[str, Any]:
@@ -252,10 +258,12 @@ class Tree:
     def from_json(cls, data: Any) -> Tree:
         if not isinstance(data, dict) or data.get("format") != TREE_FORMAT:
             raise FileFormatError(f"not a {TREE_FORMAT} document (missing or wrong 'format')")
-        parents = data.get("parents")
-        if not isinstance(parents, list) or not all(isinstance(p, int) for p in parents):
+        parents, meta = data.get("parents"), data.get("meta", {})
+        if not _is_int_list(parents):
             raise TreeError("'parents' must be a list of integers")
-        return cls(tuple(parents), dict(data.get("meta") or {}))
+        if not isinstance(meta, dict):
+            raise FileFormatError("'meta' must be a JSON object")
+        return cls(tuple(parents), dict(meta))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``sequoia-tree/1`` JSON atomically (no partial file on failure)."""
@@ -291,6 +299,14 @@ def _validate_parents(parents: tuple[int, ...]) -> None:
         raise TreeError(f"nodes are not in BFS order at node {i} (parents must be non-decreasing)")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_int_list(values: Any) -> bool:
+    return isinstance(values, (list, tuple)) and all(_is_int(v) for v in values)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Load a JSON file, turning a missing or malformed file into :class:`FileFormatError`."""
     path = Path(path)
@@ -304,16 +320,43 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileFormatError(f"{path} is a directory, not a JSON file") from exc
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file and rename, so failures leave no partial file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place, so a
+    failure (or an exception raised by ``write``) leaves no partial file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file and rename, so failures leave no partial file."""
+    text = json.dumps(data, indent=1) + "\n"  # serialise first: a bad value writes nothing
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def export(tree: Tree, fmt: str, path: str | os.PathLike) -> None:
+    """Write ``tree`` as one of :data:`EXPORT_FORMATS`, atomically.
+
+    ``json``: ``sequoia-tree/1``; ``growmap``: the original repository's ``.pt`` dict;
+    ``medusa``: a JSON list of rank paths (Medusa/EAGLE ``choices``); ``vllm``: a JSON object
+    ``{"speculative_token_tree": "[(0,), ...]"}`` to merge into vLLM's speculative config.
+    """
+    if fmt == "growmap":
+        growmap = tree.to_growmap()
+        write_atomic(path, lambda tmp: torch.save(growmap, tmp))
+    elif fmt == "json":
+        write_json_atomic(path, tree.to_json())
+    elif fmt == "medusa":
+        write_json_atomic(path, tree.to_choices())
+    elif fmt == "vllm":
+        write_json_atomic(path, {"speculative_token_tree": tree.to_vllm_tree()})
+    else:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
 
 def load_growmap(path: str | os.PathLike) -> dict[str, Any]:

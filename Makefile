@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bash scripts/demo.sh 2>/dev/null || bash scripts/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,87 @@
+"""The positional acceptance vector of a (target, draft) pair: measure, save, read.
+
+``vector[i]`` (0-based here, ``p[i+1]`` in the paper) is the probability that the draft's
+``i``-th candidate at a node -- top-``i`` in greedy mode, the ``i``-th sample without
+replacement in stochastic mode -- is the one the target accepts, all earlier candidates having
+been rejected. The entries sum to at most 1; the rest is the chance that no candidate passes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sequoia.errors import FileFormatError
+from sequoia.solver import validate_acceptance
+from sequoia.tree import read_json, write_json_atomic
+
+ACCEPTANCE_FORMAT = "sequoia-acceptance/1"
+MODES = ("greedy", "stochastic")
+
+
+@dataclass(frozen=True)
+class AcceptanceResult:
+    """A ``sequoia-acceptance/1`` document: the vector, its standard errors and provenance."""
+
+    target: str
+    draft: str
+    mode: str  # "greedy" | "stochastic"
+    temperature: float
+    top_p: float
+    vector: tuple[float, ...]  # [width] P(candidate i accepted)
+    stderr: tuple[float, ...]  # [width] binomial standard error of each entry
+    samples: int  # positions (tree nodes whose candidates were verified)
+    prompts: str  # prompt source
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return len(self.vector)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, samples: int, **fields: Any) -> AcceptanceResult:
+        """Build from ``counts[i]`` = positions where candidate ``i`` was accepted."""
+        counts = np.asarray(counts, dtype=np.float64)
+        rate = counts / max(samples, 1)
+        stderr = np.sqrt(rate * (1 - rate) / max(samples, 1))
+        return cls(vector=tuple(rate.tolist()), stderr=tuple(stderr.tolist()), samples=samples, **fields)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["width"] = self.width
+        return {"format": ACCEPTANCE_FORMAT, **doc}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "acceptance file") -> AcceptanceResult:
+        if not isinstance(data, dict) or data.get("format") != ACCEPTANCE_FORMAT:
+            raise FileFormatError(f"{where} is not a {ACCEPTANCE_FORMAT} document (missing or wrong 'format')")
+        try:
+            vector = tuple(float(x) for x in validate_acceptance(data["vector"]))
+            stderr = tuple(float(x) for x in data.get("stderr") or [math.nan] * len(vector))
+            return cls(
+                target=str(data["target"]),
+                draft=str(data.get("draft", "unknown")),
+                mode=str(data.get("mode", "greedy")),
+                temperature=float(data.get("temperature", 0.0)),
+                top_p=float(data.get("top_p", 1.0)),
+                vector=vector,
+                stderr=stderr,
+                samples=int(data.get("samples", 0)),
+                prompts=str(data.get("prompts", "unknown")),
+                meta=dict(data.get("meta") or {}),
+            )
+        except KeyError as exc:
+            raise FileFormatError(f"{where} has no {exc.args[0]!r} field") from None
+        except (TypeError, ValueError) as exc:
+            raise FileFormatError(f"{where} has a malformed field: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AcceptanceResult:
+        return cls.from_json(read_json(path), str(path))

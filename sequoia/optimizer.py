@@ -1,0 +1,173 @@
+"""Hardware-aware choice of the tree: the (size, depth) that minimises time per token.
+
+One decode step with a tree of ``n`` nodes and depth ``d`` costs the draft's ``d`` level
+forwards (level ``l`` feeds that level's ``w_l`` nodes) plus one target forward over ``n``
+tokens, and yields ``E(n, d)`` tokens on average (the solver's optimum, bonus token included)::
+
+    time per token = (sum_{l < d} t_draft(w_l) + t_target(n)) / E(n, d)
+
+Both latencies come from measured profiles (:class:`sequoia.profiler.Profile`); ``E`` from one
+:func:`sequoia.solver.solve` pass over every size and depth. Every (size, depth) entry is first
+ranked with the level widths approximated by ``(n - 1) / d``; the best ``screen`` entries are
+then rebuilt as trees and ranked again with their true level widths.
+
+Example::
+
+    >>> choice = choose(profile, [0.6, 0.15, 0.05], prefix_len=256)
+    >>> choice.best.size, choice.best.depth, round(choice.speedup, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sequoia.errors import ConfigError
+from sequoia.profiler import Profile
+from sequoia.solver import solve
+from sequoia.tree import Tree
+
+LatencyFn = Callable[[float], float]  # tokens in one forward -> ms
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One tree and its predicted cost: ``step_ms`` per decode step, ``ms_per_token``."""
+
+    tree: Tree
+    expected_tokens: float
+    draft_ms: float
+    target_ms: float
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    @property
+    def depth(self) -> int:
+        return self.tree.depth
+
+    @property
+    def step_ms(self) -> float:
+        return self.draft_ms + self.target_ms
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.step_ms / self.expected_tokens
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The fastest predicted tree, the runners-up (best first), and the autoregressive cost."""
+
+    ranked: tuple[Candidate, ...]
+    autoregressive_ms: float  # one target forward of one token = ms per token without a draft
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranked[0]
+
+    @property
+    def speedup(self) -> float:
+        """Predicted speed-up of the best tree over plain autoregressive decoding."""
+        return self.autoregressive_ms / self.best.ms_per_token
+
+
+def level_widths(tree: Tree) -> np.ndarray:  # [depth + 1]
+    """Nodes per depth level: ``level_widths(Tree((-1, 0, 0, 1))) == [1, 2, 1]``."""
+    return np.bincount(tree.depths, minlength=tree.depth + 1)
+
+
+def evaluate(tree: Tree, expected: float, target_ms: LatencyFn, draft_ms: LatencyFn) -> Candidate:
+    """Predicted cost of one step with ``tree``: the draft runs once per expanded level."""
+    widths = level_widths(tree)[:-1]  # the deepest level is verified, never expanded
+    draft = float(sum(draft_ms(float(w)) for w in widths))
+    return Candidate(tree, expected, draft, float(target_ms(float(tree.size))))
+
+
+def choose_tree(
+    acceptance: Sequence[float],
+    target_ms: LatencyFn,
+    draft_ms: LatencyFn,
+    max_size: int,
+    max_depth: int,
+    screen: int = 24,
+    top: int = 5,
+) -> Choice:
+    """Minimise predicted time per token over every tree of ``<= max_size`` nodes and depth
+    ``<= max_depth``; pure, latencies given as functions of the tokens in one forward."""
+    if screen < 1 or top < 1:
+        raise ConfigError("screen and top must be at least 1")
+    table = solve(acceptance, max_size, max_depth)
+    sizes = table.sizes[1:]  # [max_size, max_depth + 1] actual node count of each optimum
+    depths = np.broadcast_to(np.arange(max_depth + 1), sizes.shape)
+    values = table.values[1:]
+    counts = np.arange(1, max_size + 1, dtype=np.float64)  # [max_size] tokens in one forward
+    target_curve = np.array([target_ms(n) for n in counts])  # [max_size] ms
+    draft_curve = np.array([draft_ms(n) for n in counts])  # [max_size] ms
+    target = target_curve[sizes - 1]
+    width = np.maximum((sizes - 1) / np.maximum(depths, 1), 1.0)  # mean nodes per level
+    draft = depths * np.interp(width, counts, draft_curve)
+    approx = (draft + target) / values  # [max_size, max_depth + 1] ms per token
+    order = np.argsort(approx, axis=None, kind="stable")
+    seen: dict[tuple[int, ...], Candidate] = {}
+    for flat in order:
+        m, d = np.unravel_index(flat, approx.shape)
+        tree = table.tree(int(m) + 1, int(d))
+        if tree.parents not in seen:
+            seen[tree.parents] = evaluate(tree, float(values[m, d]), target_ms, draft_ms)
+        if len(seen) >= screen:
+            break
+    ranked = sorted(seen.values(), key=lambda c: c.ms_per_token)[:top]
+    return Choice(tuple(ranked), float(target_ms(1.0)))
+
+
+def choose(
+    profile: Profile,
+    acceptance: Sequence[float],
+    prefix_len: int = 256,
+    draft_profile: Profile | None = None,
+    max_size: int | None = None,
+    max_depth: int = 16,
+    top: int = 5,
+) -> Choice:
+    """:func:`choose_tree` with latencies read from profiles at ``prefix_len``.
+
+    The draft's per-level cost comes from ``draft_profile`` (its ``draft`` section, or its
+    target grid when it profiles the draft model itself), else from ``profile``'s ``draft``
+    section; with neither, drafting is taken as free (a model-free proposer such as n-gram).
+    """
+    largest = int(max(profile.target.tokens))
+    max_size = largest if max_size is None else int(max_size)
+    if max_size > largest:
+        raise ConfigError(
+            f"--max-size {max_size} exceeds the largest profiled token count ({largest}); "
+            "profile more tokens or lower the budget"
+        )
+    return choose_tree(
+        acceptance,
+        lambda n: profile.latency(n, prefix_len),
+        draft_latency_fn(profile, draft_profile, prefix_len),
+        max_size,
+        max_depth,
+        top=top,
+    )
+
+
+def draft_latency_fn(profile: Profile, draft_profile: Profile | None, prefix_len: int) -> LatencyFn:
+    """Per-level draft cost (ms for a level of ``w`` tokens) from whichever profile has it.
+
+    Widths past the largest measured one scale that cost proportionally (a level twice as
+    wide costs at most twice as much), so wide flat trees are never treated as free.
+    """
+    source = draft_profile if draft_profile is not None else profile
+    if source.draft is not None:
+        grid, measure = source.draft, lambda w: source.draft_latency(w, prefix_len)
+    elif draft_profile is not None:
+        grid, measure = draft_profile.target, lambda w: draft_profile.latency(w, prefix_len)
+    else:
+        return lambda w: 0.0
+    widest = float(grid.tokens[-1])
+    return lambda w: measure(min(w, widest)) * max(w / widest, 1.0)

@@ -1,0 +1,77 @@
+"""The hardware-aware optimizer: exact against brute force, sensible at the extremes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sequoia.errors import ConfigError
+from sequoia.optimizer import choose, choose_tree, evaluate, level_widths
+from sequoia.profiler import LatencyGrid, Profile
+from sequoia.solver import chain, solve
+from sequoia.tree import Tree
+
+P = [0.55, 0.15, 0.06, 0.03]
+LATENCY_MODELS = {
+    "flat-then-steep": (lambda n: 30.0 + max(0.0, n - 16) * 2.0, lambda w: 2.0 + 0.1 * w),
+    "linear": (lambda n: 20.0 + 1.5 * n, lambda w: 1.0 + 0.05 * w),
+    "free-draft": (lambda n: 40.0 + 0.2 * n, lambda w: 0.0),
+    "slow-draft": (lambda n: 30.0 + 0.5 * n, lambda w: 12.0 + 0.5 * w),
+}
+
+
+def test_level_widths_and_evaluate_literal():
+    tree = Tree((-1, 0, 0, 1))
+    assert level_widths(tree).tolist() == [1, 2, 1]
+    cand = evaluate(tree, 2.0, target_ms=lambda n: 10.0 * n, draft_ms=lambda w: w)
+    # draft runs on levels 0 (1 node) and 1 (2 nodes): 1 + 2 ms; target 4 nodes: 40 ms
+    assert (cand.draft_ms, cand.target_ms, cand.step_ms, cand.ms_per_token) == (3.0, 40.0, 43.0, 21.5)
+
+
+@pytest.mark.parametrize("name", list(LATENCY_MODELS))
+def test_best_equals_brute_force_over_every_table_entry(name):
+    target_ms, draft_ms = LATENCY_MODELS[name]
+    max_size, max_depth = 40, 8
+    table = solve(P, max_size, max_depth)
+    brute = min(
+        evaluate(table.tree(m, d), float(table.values[m, d]), target_ms, draft_ms).ms_per_token
+        for m in range(1, max_size + 1)
+        for d in range(max_depth + 1)
+    )
+    choice = choose_tree(P, target_ms, draft_ms, max_size, max_depth)
+    assert choice.best.ms_per_token == pytest.approx(brute, rel=1e-12)
+    times = [c.ms_per_token for c in choice.ranked]
+    assert times == sorted(times) and len(choice.ranked) == 5
+    assert choice.speedup == pytest.approx(target_ms(1.0) / brute)
+
+
+def test_extremes():
+    # Verifying many tokens is free and drafting is free: use the whole budget.
+    big = choose_tree(P, lambda n: 50.0, lambda w: 0.0, 64, 10)
+    assert big.best.size == 64
+    # Every extra verified token is expensive: speculation does not pay, the root alone wins.
+    none = choose_tree(P, lambda n: 10.0 * n, lambda w: 0.0, 64, 10)
+    assert none.best.tree == Tree((-1,)) and none.speedup == pytest.approx(1.0)
+    # A perfect first candidate and free verification: the deepest chain.
+    chain_choice = choose_tree([1.0], lambda n: 30.0, lambda w: 0.0, 20, 6)
+    assert chain_choice.best.tree == chain(6)
+
+
+def _grid(model: str, tokens, ms) -> LatencyGrid:
+    samples = np.asarray(ms, dtype=float)[None, :, None].repeat(3, axis=2)
+    return LatencyGrid(model, (256,), tuple(tokens), samples)
+
+
+def test_choose_reads_profiles_and_checks_budget():
+    target = _grid("tiny", [1, 8, 32, 64], [30.0, 32.0, 40.0, 70.0])
+    draft = _grid("tiny-draft", [1, 8, 16], [2.0, 2.5, 3.0])
+    profile = Profile(target, {"name": "test"}, {}, draft)
+    choice = choose(profile, P, prefix_len=256, max_depth=8)
+    expected = choose_tree(
+        P, lambda n: profile.latency(n, 256), lambda w: profile.draft_latency(min(w, 16), 256) * max(w / 16, 1),
+        64, 8,
+    )
+    assert choice.best.tree == expected.best.tree
+    assert choice.autoregressive_ms == pytest.approx(30.0)
+    with pytest.raises(ConfigError, match="largest profiled"):
+        choose(profile, P, max_size=128)

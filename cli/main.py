@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import sequoia
-from sequoia_cli import tree
+from sequoia_cli import optimize, profile, tree
 
 app = typer.Typer(
     name="sequoia",
@@ -15,6 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(tree.app, name="tree")
+app.add_typer(profile.app, name="profile")
+app.command("optimize")(optimize.optimize)
 
 
 def _version(value: bool) -> None:

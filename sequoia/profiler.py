@@ -1,0 +1,389 @@
+"""Forward latency vs the number of verified tokens, per prefix length: measure, save, read.
+
+For each prefix length the KV cache is filled once with that many (random) tokens; then for
+each token count ``n`` one :func:`sequoia.forward.tree_forward` pass over a representative tree
+of ``n`` nodes is timed -- tree attention mask, tree position ids, logits for every node,
+exactly what the decoder pays -- and the cache is cut back to the prefix afterwards.
+
+Timing discipline (gpt-fast): ``warmup`` untimed rounds, then ``repeats`` timed rounds, under
+``torch.inference_mode()``, with the device synchronised before every ``time.perf_counter()``.
+Each round visits every token count once, so a burst of machine load spreads over all cells
+instead of bending one of them. Each cell keeps its raw samples, median and spread.
+
+The same measurement over a draft model, with ``n`` = the width of one tree level, gives the
+draft's cost per level (the optional ``draft`` section). :class:`Profile` reads the
+``sequoia-profile/1`` file back and interpolates::
+
+    >>> profile = Profile.load("profiles/cpu-2core-smollm2-135m-float32.json")
+    >>> profile.latency(tokens=20, prefix_len=300)   # ms, interpolated
+    >>> profile.knee(prefix_len=512)                 # largest n within 1.25x of 1 token
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from sequoia.errors import ConfigError, FileFormatError
+from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
+from sequoia.models import dtype_name
+from sequoia.tree import Tree, read_json, write_json_atomic
+
+PROFILE_FORMAT = "sequoia-profile/1"
+DEFAULT_PREFIXES = (128, 512, 1024)
+DEFAULT_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+TREE_BRANCHING = 4  # representative tree: complete 4-ary, BFS order
+KNEE_FACTOR = 1.25
+STATS = ("median", "p25", "p75", "min", "max")
+
+Progress = Callable[[int, int, str], None]  # (passes done, passes in total, what runs now)
+
+
+@dataclass(frozen=True)
+class LatencyGrid:
+    """Latency (ms) of one model for every (prefix length, token count) cell.
+
+    ``stats[name]`` is a ``[len(prefix_lengths), len(tokens)]`` array for each name in
+    :data:`STATS`; ``samples`` holds the raw timings, ``[prefix, tokens, repeat]``.
+    """
+
+    model: str
+    prefix_lengths: tuple[int, ...]
+    tokens: tuple[int, ...]
+    samples: np.ndarray  # [num_prefixes, num_tokens, repeats] ms
+    stats: dict[str, np.ndarray] = field(init=False)  # name -> [num_prefixes, num_tokens] ms
+
+    def __post_init__(self) -> None:
+        s = self.samples
+        assert s.ndim == 3 and s.shape[:2] == (len(self.prefix_lengths), len(self.tokens))
+        q = np.percentile(s, [50, 25, 75], axis=-1)
+        stats = dict(zip(STATS, [q[0], q[1], q[2], s.min(-1), s.max(-1)]))
+        object.__setattr__(self, "stats", stats)
+
+    @property
+    def median(self) -> np.ndarray:  # [num_prefixes, num_tokens] ms
+        return self.stats["median"]
+
+    def latency(self, tokens: float, prefix_len: float, stat: str = "median") -> float:
+        """Interpolated latency (ms): piecewise linear in token count, then in prefix length.
+
+        Token counts outside the measured range raise :class:`ConfigError`; prefix lengths
+        outside it use the nearest measured prefix.
+        """
+        if not self.tokens[0] <= tokens <= self.tokens[-1]:
+            raise ConfigError(
+                f"{self.model} was profiled for {self.tokens[0]}..{self.tokens[-1]} tokens, not "
+                f"{tokens}; re-profile with a wider --tokens range"
+            )
+        per_prefix = [np.interp(tokens, self.tokens, row) for row in self.stats[stat]]
+        return float(np.interp(prefix_len, self.prefix_lengths, per_prefix))
+
+    def knee(self, prefix_len: float, factor: float = KNEE_FACTOR) -> int:
+        """The largest measured token count whose median latency is within ``factor`` times
+        the smallest count's (1 token's): how big a tree comes almost for free."""
+        base = self.latency(self.tokens[0], prefix_len)
+        return max(n for n in self.tokens if self.latency(n, prefix_len) <= factor * base)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prefix_lengths": list(self.prefix_lengths),
+            "tokens": list(self.tokens),
+            "latency_ms": {
+                **{name: _rounded(values) for name, values in self.stats.items()},
+                "samples": _rounded(self.samples),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> LatencyGrid:
+        try:
+            prefixes = tuple(int(p) for p in data["prefix_lengths"])
+            tokens = tuple(int(n) for n in data["tokens"])
+            samples = np.asarray(data["latency_ms"]["samples"], dtype=np.float64)
+            grid = cls(str(data["model"]), prefixes, tokens, samples)
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise FileFormatError(f"{where}: malformed latency grid ({type(exc).__name__}: {exc})") from exc
+        if list(prefixes) != sorted(set(prefixes)) or list(tokens) != sorted(set(tokens)):
+            raise FileFormatError(f"{where}: prefix_lengths and tokens must be strictly increasing")
+        return grid
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A ``sequoia-profile/1`` document: the target's grid, optionally the draft's per-level
+    grid, the device description and how the measurement was taken."""
+
+    target: LatencyGrid
+    device: dict[str, Any]
+    meta: dict[str, Any]  # repeats, warmup, date, tree, load average, notes
+    draft: LatencyGrid | None = None
+
+    @property
+    def model(self) -> str:
+        return self.target.model
+
+    def latency(self, tokens: float, prefix_len: float) -> float:
+        """Target forward latency (ms) for verifying ``tokens`` tree tokens after ``prefix_len``."""
+        return self.target.latency(tokens, prefix_len)
+
+    def draft_latency(self, width: float, prefix_len: float | None = None) -> float:
+        """Draft latency (ms) of one tree level of ``width`` tokens (default: at the draft's
+        smallest measured prefix)."""
+        if self.draft is None:
+            raise ConfigError(f"profile of {self.model} has no draft section; profile with --draft MODEL")
+        prefix = self.draft.prefix_lengths[0] if prefix_len is None else prefix_len
+        return self.draft.latency(width, prefix)
+
+    def knee(self, prefix_len: float, factor: float = KNEE_FACTOR) -> int:
+        return self.target.knee(prefix_len, factor)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {"format": PROFILE_FORMAT, "device": self.device, **self.target.to_json(), **self.meta}
+        doc["draft"] = self.draft.to_json() if self.draft else None
+        return doc
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "profile") -> Profile:
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise FileFormatError(f"{where} is not a {PROFILE_FORMAT} document (missing or wrong 'format')")
+        target = LatencyGrid.from_json(data, where)
+        draft = LatencyGrid.from_json(data["draft"], f"{where} (draft)") if data.get("draft") else None
+        grid_keys = {"format", "device", "draft", "model", "prefix_lengths", "tokens", "latency_ms"}
+        meta = {k: v for k, v in data.items() if k not in grid_keys}
+        return cls(target, dict(data.get("device") or {}), meta, draft)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON atomically (no partial file on failure)."""
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        return cls.from_json(read_json(path), str(path))
+
+
+# ---------------------------------------------------------------------------- measuring
+def representative_tree(n: int, branching: int = TREE_BRANCHING) -> Tree:
+    """A complete ``branching``-ary tree of ``n`` nodes in BFS order (``n=1``: the root).
+
+    Example: ``representative_tree(6).parents == (-1, 0, 0, 0, 0, 1)``.
+    """
+    return Tree((-1, *((i - 1) // branching for i in range(1, n))))
+
+
+def check_plan(prefix_lengths: Sequence[int], tokens: Sequence[int], context: int) -> None:
+    """Raise :class:`ConfigError` unless every (prefix, tokens) cell fits the model's context."""
+    if not prefix_lengths or not tokens:
+        raise ConfigError("need at least one prefix length and one token count")
+    if min(prefix_lengths) < 1 or min(tokens) < 1:
+        raise ConfigError("prefix lengths and token counts must be positive")
+    if max(prefix_lengths) + max(tokens) > context:
+        raise ConfigError(
+            f"prefix {max(prefix_lengths)} + {max(tokens)} tokens exceeds the model's context of "
+            f"{context} positions; lower --prefix or --tokens"
+        )
+
+
+def fit_tokens(tokens: Sequence[int], prefix_lengths: Sequence[int], context: int) -> tuple[int, ...]:
+    """The token counts that fit after the longest prefix (caps the default list)."""
+    return tuple(n for n in tokens if max(prefix_lengths) + n <= context)
+
+
+def model_context(model: PreTrainedModel) -> int:
+    """Positions the model supports (``max_position_embeddings``)."""
+    return int(model.config.max_position_embeddings)
+
+
+def measure_grid(
+    model: PreTrainedModel,
+    name: str,
+    prefix_lengths: Sequence[int] = DEFAULT_PREFIXES,
+    tokens: Sequence[int] = DEFAULT_TOKENS,
+    repeats: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> LatencyGrid:
+    """Time :func:`tree_forward` for every (prefix, token count) cell; see the module doc."""
+    prefix_lengths, tokens = sorted(set(prefix_lengths)), sorted(set(tokens))
+    check_plan(prefix_lengths, tokens, model_context(model))
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    total = len(prefix_lengths) * len(tokens) * (warmup + repeats)
+    done = 0
+    samples = np.zeros((len(prefix_lengths), len(tokens), repeats))  # [prefix, tokens, repeat]
+    generator = torch.Generator().manual_seed(seed)
+    for p, prefix_len in enumerate(prefix_lengths):
+        cache = prefill(model, prefix_len, generator)
+        passes = [_tree_pass(model, cache, prefix_len, n, generator) for n in tokens]
+        for round_ in range(warmup + repeats):
+            for t, run in enumerate(passes):
+                ms = time_pass(run, model, cache, prefix_len)
+                if round_ >= warmup:
+                    samples[p, t, round_ - warmup] = ms
+                done += 1
+                if progress:
+                    progress(done, total, f"{name}: prefix {prefix_len}, {tokens[t]} tokens")
+    return LatencyGrid(name, tuple(prefix_lengths), tuple(tokens), samples)
+
+
+def prefill(model: PreTrainedModel, prefix_len: int, generator: torch.Generator) -> DynamicCache:
+    """A cache holding ``prefix_len`` random tokens."""
+    _, device = model_dtype_device(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, prefix_len), generator=generator)  # [1, prefix]
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=ids.to(device), use_cache=True, **cache_kwargs(model, cache))
+    return cache
+
+
+def time_pass(run: Callable[[], Any], model: PreTrainedModel, cache: DynamicCache, prefix_len: int) -> float:
+    """Milliseconds of one ``run()``, device synchronised; then the cache is cut back to the prefix."""
+    _, device = model_dtype_device(model)
+    with torch.inference_mode():
+        _synchronize(device)
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        keep_path(cache, prefix_len, [])
+    return 1000.0 * elapsed
+
+
+def _tree_pass(
+    model: PreTrainedModel, cache: DynamicCache, prefix_len: int, n: int, generator: torch.Generator
+) -> Callable[[], Any]:
+    tree = representative_tree(n)
+    ids = torch.randint(0, model.config.vocab_size, (n,), generator=generator)  # [n]
+    return lambda: tree_forward(model, ids, tree, cache, prefix_len)
+
+
+def _causal_pass(
+    model: PreTrainedModel, cache: DynamicCache, n: int, generator: torch.Generator
+) -> Callable[[], Any]:
+    _, device = model_dtype_device(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)  # [1, n]
+    return lambda: model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """Tree-mask vs plain causal forward latency at one prefix length (ms per token count)."""
+
+    prefix_len: int
+    tokens: tuple[int, ...]
+    tree: LatencyGrid  # one prefix row
+    causal: LatencyGrid  # one prefix row
+
+    def ratios(self) -> np.ndarray:  # [num_tokens] tree median / causal median
+        return self.tree.median[0] / self.causal.median[0]
+
+
+def compare_masks(
+    model: PreTrainedModel,
+    prefix_len: int,
+    tokens: Sequence[int],
+    repeats: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> MaskCheck:
+    """Time :func:`tree_forward` (tree mask + tree position ids) against a plain causal forward
+    of the same token count, interleaved pass by pass, to show the mask costs nothing extra."""
+    tokens = sorted(set(tokens))
+    check_plan([prefix_len], tokens, model_context(model))
+    generator = torch.Generator().manual_seed(seed)
+    cache = prefill(model, prefix_len, generator)
+    runs = {
+        "tree": [_tree_pass(model, cache, prefix_len, n, generator) for n in tokens],
+        "causal": [_causal_pass(model, cache, n, generator) for n in tokens],
+    }
+    samples = {kind: np.zeros((1, len(tokens), repeats)) for kind in runs}  # [1, tokens, repeat]
+    total, done = 2 * len(tokens) * (warmup + repeats), 0
+    for round_ in range(warmup + repeats):
+        for t in range(len(tokens)):
+            for kind, passes in runs.items():
+                ms = time_pass(passes[t], model, cache, prefix_len)
+                if round_ >= warmup:
+                    samples[kind][0, t, round_ - warmup] = ms
+                done += 1
+                if progress:
+                    progress(done, total, f"{kind} mask: {tokens[t]} tokens")
+    grids = {kind: LatencyGrid(kind, (prefix_len,), tuple(tokens), s) for kind, s in samples.items()}
+    return MaskCheck(prefix_len, tuple(tokens), grids["tree"], grids["causal"])
+
+
+# ---------------------------------------------------------------------------- the document
+def describe_device(model: PreTrainedModel) -> dict[str, Any]:
+    """Where and how the model runs: device name, CPU model, threads, versions, dtype."""
+    dtype, device = model_dtype_device(model)
+    cpu = _cpu_model()
+    return {
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "type": device.type,
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "dtype": dtype_name(dtype),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "platform": platform.platform(),
+    }
+
+
+def build_profile(
+    target: LatencyGrid,
+    model: PreTrainedModel,
+    repeats: int,
+    warmup: int,
+    load_average: tuple[float, float],
+    draft: LatencyGrid | None = None,
+    notes: str = "",
+) -> Profile:
+    """Wrap measured grids with the device description and how they were taken."""
+    meta = {
+        "repeats": repeats,
+        "warmup": warmup,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tree": f"complete {TREE_BRANCHING}-ary, BFS order; tree mask + tree position ids",
+        "order": "rounds over all token counts, interleaved",
+        "load_average": {"before": load_average[0], "after": load_average[1]},
+        "notes": notes,
+    }
+    return Profile(target, describe_device(model), meta, draft)
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the OS has none): how busy the machine was."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _rounded(values: np.ndarray) -> list:
+    return np.round(values, 3).tolist()

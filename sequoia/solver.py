@@ -38,6 +38,7 @@ from sequoia.tree import Tree
 
 SUM_TOLERANCE = 1e-6  # measured vectors in float32 may sum to 1 + a few ulps
 MAX_BASELINE_NODES = 1 << 20  # refuse absurd baseline shapes (kary 16 x 32) before building
+MAX_TABLE_CELLS = 1 << 26  # solve's largest array (512 MB): budget 8192, or 2M (depth, rank, size)
 SHAPES = ("chain", "kary", "chains")  # baseline families; "sequoia" is the DP itself
 
 
@@ -176,8 +177,13 @@ def solve(
     n, depth_limit = int(max_size), int(max_depth)
     stored = min(depth_limit, n - 1) + 1  # deeper than n - 1 edges is impossible
     ranks = min(p.size, n - 1)
-    children = np.zeros((stored, n + 1), dtype=np.int64)
-    split = np.zeros((stored, ranks, n), dtype=np.int64)
+    if max(n * n, stored * ranks * n) > MAX_TABLE_CELLS:
+        raise ConfigError(
+            f"a table for size {n}, depth {depth_limit} and {p.size} ranks is too large to solve "
+            "here; lower the budget, the depth limit or the acceptance vector's length"
+        )
+    children = np.zeros((stored, n + 1), dtype=np.int32)
+    split = np.zeros((stored, ranks, n), dtype=np.int32)
     exact = np.full((n + 1, stored), -np.inf)  # exact[m, d]: best with exactly m nodes
     exact[1, :] = 1.0
     buf = np.empty((n, n))

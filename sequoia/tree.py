@@ -361,6 +361,8 @@ def export(tree: Tree, fmt: str, path: str | os.PathLike) -> None:
 
 def load_growmap(path: str | os.PathLike) -> dict[str, Any]:
     """Read a growmap ``.pt`` file (tensors, lists and ints only; no code is unpickled)."""
+    if not Path(path).is_file():
+        raise FileFormatError(f"growmap file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

@@ -188,7 +188,8 @@ def scaling(
     view = Table("size", *curves, title=f"expected tokens per step (depth <= {max_depth})")
     for row in rows:
         view.add_row(*row)
-    markdown = "\n".join(["| size | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    caption = f"Expected tokens per step, best tree of each shape (p = {vector.tolist()}, depth <= {max_depth})"
+    markdown = "\n".join([caption, "", "| size | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
                          + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
     document = {"format": SCALING_FORMAT, "acceptance": vector.tolist(), "max_depth": max_depth,
                 "sizes": list(range(1, max_size + 1)), "expected_tokens": {k: v.tolist() for k, v in curves.items()}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,7 +161,7 @@ def plot_profile(result: Profile, path: Path) -> None:
         ax.set_title(f"{label}: {grid.model}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(_describe(result), fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(_describe(result), 100)), fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     try:

@@ -126,7 +126,7 @@ def check_tokenizers_match(
             f"target and draft vocabularies differ in size ({len(target_vocab)} vs "
             f"{len(draft_vocab)} tokens); the draft must share the target's tokenizer"
         )
-    for token, index in target_vocab.items():
+    for token, index in sorted(target_vocab.items(), key=lambda item: item[1]):  # lowest id first
         if draft_vocab.get(token) != index:
             raise ModelError(
                 f"target and draft tokenizers disagree: token {token!r} is id {index} in the "
@@ -224,7 +224,13 @@ def gguf_cached_dir(gguf: Path) -> Path:
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
-        _convert_gguf(gguf, target)
+        try:
+            _convert_gguf(gguf, target)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot write the model cache {target.parent} ({exc.strerror or exc}); "
+                f"set {CACHE_ENV} to a writable directory"
+            ) from exc
     return target
 
 

@@ -184,10 +184,12 @@ def representative_tree(n: int, branching: int = TREE_BRANCHING) -> Tree:
 
 def check_plan(prefix_lengths: Sequence[int], tokens: Sequence[int], context: int) -> None:
     """Raise :class:`ConfigError` unless every (prefix, tokens) cell fits the model's context."""
-    if not prefix_lengths or not tokens:
-        raise ConfigError("need at least one prefix length and one token count")
-    if min(prefix_lengths) < 1 or min(tokens) < 1:
-        raise ConfigError("prefix lengths and token counts must be positive")
+    if not prefix_lengths or min(prefix_lengths) < 1:
+        raise ConfigError("need one or more positive prefix lengths")
+    if max(prefix_lengths) >= context:
+        raise ConfigError(f"prefix {max(prefix_lengths)} leaves no room in the model's context of {context} positions")
+    if not tokens or min(tokens) < 1:
+        raise ConfigError("need one or more positive token counts")
     if max(prefix_lengths) + max(tokens) > context:
         raise ConfigError(
             f"prefix {max(prefix_lengths)} + {max(tokens)} tokens exceeds the model's context of "

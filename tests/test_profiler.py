@@ -75,8 +75,12 @@ def test_plan_checks_context():
     profiler.check_plan([128, 512], [1, 256], context=768)
     with pytest.raises(ConfigError, match="exceeds the model's context of 768"):
         profiler.check_plan([512], [1, 384], context=768)
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match="positive prefix"):
         profiler.check_plan([0], [1], context=768)
+    with pytest.raises(ConfigError, match="prefix 768 leaves no room"):
+        profiler.check_plan([768], [1], context=768)
+    with pytest.raises(ConfigError, match="positive token"):
+        profiler.check_plan([8], [], context=768)
     assert profiler.fit_tokens(profiler.DEFAULT_TOKENS, [128, 512], 768)[-1] == 256
 
 

@@ -13,13 +13,13 @@ from rich.table import Table
 from rich.tree import Tree as RichTree
 
 from sequoia import solver
-from sequoia.errors import AcceptanceError, ConfigError, FileFormatError
-from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap, read_json, write_atomic, write_json_atomic
+from sequoia.acceptance import ACCEPTANCE_FORMAT, AcceptanceResult
+from sequoia.errors import AcceptanceError, ConfigError
+from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap, write_atomic, write_json_atomic
 from sequoia_cli.common import console, handles_errors
 
 app = typer.Typer(help="Build, inspect and export speculation trees.", no_args_is_help=True)
 
-ACCEPTANCE_FORMAT = "sequoia-acceptance/1"
 SCALING_FORMAT = "sequoia-scaling/1"
 BUILD_SHAPES = ("sequoia", *solver.SHAPES)
 
@@ -32,10 +32,7 @@ def _acceptance(path: Path | None, text: str | None, required: bool = True) -> n
     if path is not None and text is not None:
         raise ConfigError("give the acceptance vector once: --acceptance FILE or --p LIST, not both")
     if path is not None:
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != ACCEPTANCE_FORMAT or "vector" not in data:
-            raise FileFormatError(f"{path} is not a {ACCEPTANCE_FORMAT} file with a 'vector'")
-        return solver.validate_acceptance(data["vector"])
+        return solver.validate_acceptance(AcceptanceResult.load(path).vector)
     if text is not None:
         try:
             values = [float(x) for x in text.split(",") if x.strip()]

@@ -53,7 +53,7 @@ def test_build_optimal_tree_from_inline_vector(tmp_path: Path) -> None:
 
 def test_build_from_acceptance_file(tmp_path: Path) -> None:
     acc = tmp_path / "acc.json"
-    acc.write_text(json.dumps({"format": "sequoia-acceptance/1", "mode": "greedy", "vector": [0.7, 0.2]}))
+    acc.write_text(json.dumps({"format": "sequoia-acceptance/1", "target": "t", "vector": [0.7, 0.2]}))
     ok("build", "--acceptance", str(acc), "--budget", "8", "--max-depth", "3", "--out", str(tmp_path / "t.json"))
     assert Tree.load(tmp_path / "t.json").meta["acceptance"] == [0.7, 0.2]
 
@@ -93,7 +93,8 @@ def test_bad_build_input(args: list[str], words: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "words"),
-    [("{broken", "is not valid JSON"), ('{"format": "sequoia-tree/1"}', "not a sequoia-acceptance/1")],
+    [("{broken", "is not valid JSON"), ('{"format": "sequoia-tree/1"}', "not a sequoia-acceptance/1"),
+     ('{"format": "sequoia-acceptance/1", "target": "t", "vector": [0.9, 0.9]}', "sums to 1.8 > 1")],
 )
 def test_bad_acceptance_file(text: str, words: str, tmp_path: Path) -> None:
     (tmp_path / "acc.json").write_text(text)

@@ -11,6 +11,7 @@ what decoding pays.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -20,14 +21,18 @@ from sequoia.tree import Tree
 
 
 def tree_attention_mask(
-    tree_mask: torch.Tensor,  # [n, n] bool, True = may attend
+    tree_mask: torch.Tensor,  # [m, k] bool, True = may attend; k = n for a whole tree
     prefix_len: int,
     dtype: torch.dtype,
-) -> torch.Tensor:  # [1, 1, n, prefix_len + n] additive float mask
-    """Additive 4D mask: 0 where attention is allowed, the dtype's minimum where masked."""
+) -> torch.Tensor:  # [1, 1, m, prefix_len + k] additive float mask
+    """Additive 4D mask: 0 where attention is allowed, the dtype's minimum where masked.
+
+    ``tree_mask`` is the ancestor mask of the fed nodes (rows) over every tree node in the
+    cache after this pass (columns); it is square when the whole tree is fed at once.
+    """
     assert tree_mask.ndim == 2 and tree_mask.dtype == torch.bool
-    n = tree_mask.shape[0]
-    allowed = torch.ones(n, prefix_len + n, dtype=torch.bool, device=tree_mask.device)
+    m, k = tree_mask.shape
+    allowed = torch.ones(m, prefix_len + k, dtype=torch.bool, device=tree_mask.device)
     allowed[:, prefix_len:] = tree_mask
     mask = torch.zeros(allowed.shape, dtype=dtype, device=tree_mask.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -43,8 +48,13 @@ def model_dtype_device(model: PreTrainedModel) -> tuple[torch.dtype, torch.devic
 def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict:
     """The keyword under which ``model.forward`` takes a cache (``cache`` in newer
     transformers, ``past_key_values`` before)."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return {"cache": cache} if _takes_cache_keyword(type(model)) else {"past_key_values": cache}
+
+
+@functools.cache
+def _takes_cache_keyword(model_type: type) -> bool:
+    # inspect.signature costs ~0.1 ms, as much as a tiny model's forward: once per class
+    return "cache" in inspect.signature(model_type.forward).parameters
 
 
 def tree_forward(
@@ -54,15 +64,21 @@ def tree_forward(
     cache: DynamicCache,
     prefix_len: int,
     output_hidden_states: bool = False,
+    start: int = 0,
 ):
     """Run ``model`` on the tree's tokens over a cache of ``prefix_len`` tokens.
 
     Returns the model output (``logits``: ``[1, n, vocab]``). The cache grows by ``n``.
+    A draft growing the tree level by level feeds nodes ``start .. start + len(tokens) - 1``
+    (then ``tokens`` holds only theirs) over a cache that already holds nodes ``0 .. start - 1``
+    after the prefix.
     """
-    assert tokens.ndim == 1 and tokens.shape[0] == tree.size
+    end = start + tokens.shape[0]
+    assert tokens.ndim == 1 and 0 <= start < end <= tree.size
+    assert start > 0 or end == tree.size, "a whole-tree pass takes every node's token"
     dtype, device = model_dtype_device(model)
-    mask = tree_attention_mask(tree.ancestor_mask.to(device), prefix_len, dtype)
-    positions = tree.position_ids(prefix_len).to(device)[None]
+    mask = tree_attention_mask(tree.ancestor_mask[start:end, :end].to(device), prefix_len, dtype)
+    positions = tree.position_ids(prefix_len)[start:end].to(device)[None]
     return model(
         input_ids=tokens.to(device)[None],
         attention_mask=mask,

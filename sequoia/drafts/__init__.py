@@ -1,0 +1,37 @@
+"""Draft proposers behind one interface (:class:`Proposer`), and :func:`make_proposer`."""
+
+from __future__ import annotations
+
+from sequoia.drafts.base import Draft, DraftContext, NoDraft, Proposer
+from sequoia.drafts.lm import LMProposer, check_same_vocabulary
+from sequoia.drafts.ngram import NgramProposer
+
+BUILTIN_DRAFTS = ("none", "ngram")
+
+__all__ = [
+    "BUILTIN_DRAFTS",
+    "Draft",
+    "DraftContext",
+    "LMProposer",
+    "NgramProposer",
+    "NoDraft",
+    "Proposer",
+    "make_proposer",
+]
+
+
+def make_proposer(spec: str, target, dtype: str = "float32", device: str = "cpu") -> Proposer:
+    """``none``, ``ngram``, or a model spec loaded as an :class:`LMProposer` for ``target``
+    (a :class:`~sequoia.models.LoadedModel`); a draft with another tokenizer or vocabulary
+    raises :class:`~sequoia.errors.ModelError`."""
+    if spec == "none":
+        return NoDraft()
+    if spec == "ngram":
+        return NgramProposer()
+    from sequoia.models import check_tokenizers_match, load_model
+
+    draft = load_model(spec, dtype=dtype, device=device)
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        check_tokenizers_match(target.tokenizer, draft.tokenizer)
+    check_same_vocabulary(target.model, draft.model)
+    return LMProposer(draft.model)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sequoia.errors import SequoiaError
 
@@ -37,3 +39,12 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise fail("interrupted", code=130) from None
 
     return wrapper
+
+
+@contextmanager
+def progress_bar(description: str = "loading") -> Iterator[Callable[[int, int, str], None]]:
+    """A transient Rich bar; yields ``update(done, total, label)`` for library callbacks."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total, label: bar.update(task, completed=done, total=total, description=label)

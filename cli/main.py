@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import sequoia
-from sequoia_cli import optimize, profile, tree
+from sequoia_cli import acceptance, draft, optimize, profile, simulate, tree
 
 app = typer.Typer(
     name="sequoia",
@@ -17,6 +17,9 @@ app = typer.Typer(
 app.add_typer(tree.app, name="tree")
 app.add_typer(profile.app, name="profile")
 app.command("optimize")(optimize.optimize)
+app.command("acceptance")(acceptance.acceptance)
+app.add_typer(draft.app, name="draft")
+app.add_typer(simulate.app, name="simulate")
 
 
 def _version(value: bool) -> None:

@@ -4,20 +4,31 @@
 ``i``-th candidate at a node -- top-``i`` in greedy mode, the ``i``-th sample without
 replacement in stochastic mode -- is the one the target accepts, all earlier candidates having
 been rejected. The entries sum to at most 1; the rest is the chance that no candidate passes.
+
+Measurement runs the decode engine itself with a one-level tree of ``width`` children (a
+star), so the candidates are drawn and verified by exactly the rules decoding uses, for any
+proposer; each step is one sample, taken along the target's own continuation (greedy, or
+sampled: verification is lossless, so the path has the target's distribution).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import PreTrainedModel
 
-from sequoia.errors import FileFormatError
+from sequoia.drafts.base import Proposer
+from sequoia.engine import Engine
+from sequoia.errors import ConfigError, FileFormatError
+from sequoia.sampling import SamplingConfig
 from sequoia.solver import validate_acceptance
-from sequoia.tree import read_json, write_json_atomic
+from sequoia.tree import Tree, read_json, write_json_atomic
 
 ACCEPTANCE_FORMAT = "sequoia-acceptance/1"
 MODES = ("greedy", "stochastic")
@@ -85,3 +96,34 @@ class AcceptanceResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AcceptanceResult:
         return cls.from_json(read_json(path), str(path))
+
+
+def measure_counts(
+    target: PreTrainedModel,
+    proposer: Proposer,
+    prompts: Sequence[torch.Tensor],  # each [L] int64
+    width: int,
+    sampling: SamplingConfig,
+    max_new_tokens: int = 64,
+    eos_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, int]:  # ([width] accepted per rank, samples)
+    """Decode every prompt with a star tree of ``width`` candidates; count accepted ranks.
+
+    ``progress(done, total)`` is called after each prompt.
+    """
+    if width < 1:
+        raise ConfigError(f"the acceptance width must be at least 1, got {width}")
+    star = Tree((-1,) + (0,) * width)
+    engine = Engine(target, proposer, star, sampling, eos_token_ids=eos_token_ids, seed=seed)
+    counts, samples = np.zeros(width, dtype=np.int64), 0
+    for i, ids in enumerate(prompts):
+        for step in engine.generate(ids, max_new_tokens):
+            if len(step.tree) > 1:  # a tree cut to the root at a length limit tests nothing
+                samples += 1
+                if step.num_accepted:
+                    counts[int(step.tree.ranks[step.accepted_nodes[1]])] += 1
+        if progress is not None:
+            progress(i + 1, len(prompts))
+    return counts, samples

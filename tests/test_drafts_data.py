@@ -1,0 +1,45 @@
+"""The self-distillation data store: shards, resume, settings checks, bad stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sequoia.drafts.data import DataStore, Manifest, training_prompts
+from sequoia.errors import ConfigError, FileFormatError
+from sequoia.prompts import load_prompts
+
+SETTINGS = dict(target="tiny", dtype="float32", temperature=1.0, top_p=0.95, max_new_tokens=8)
+
+
+def test_training_prompts_are_many_deterministic_and_held_out():
+    prompts = training_prompts(0)
+    assert len(prompts) > 3000 and len(set(prompts)) > 0.99 * len(prompts)
+    assert prompts == training_prompts(0) and prompts != training_prompts(1)
+    assert not {p.text for p in load_prompts()} & set(prompts)
+
+
+def test_append_read_and_resume(tmp_path):
+    store = DataStore.open_or_create(tmp_path / "s", Manifest(**SETTINGS))
+    store.append([np.array([1, 2, 3, 4]), np.array([5, 6])], [2, 1], seconds=1.5, prompts=2)
+    store.append([np.array([7, 8, 9])], [1], seconds=0.5, prompts=1)
+    reopened = DataStore.open_or_create(tmp_path / "s", Manifest(**SETTINGS))
+    m = reopened.manifest
+    assert (m.prompts_done, m.sequences, m.positions, m.seconds) == (3, 3, 2 + 1 + 2, 2.0)
+    got = [(s.tolist(), p) for s, p in reopened.sequences()]
+    assert got == [([1, 2, 3, 4], 2), ([5, 6], 1), ([7, 8, 9], 1)]
+    assert not list((tmp_path / "s").glob(".*tmp*"))
+
+
+def test_bad_stores(tmp_path):
+    with pytest.raises(FileFormatError, match="sequoia draft data"):
+        DataStore.open(tmp_path / "missing")
+    store = DataStore.open_or_create(tmp_path / "s", Manifest(**SETTINGS))
+    with pytest.raises(ConfigError, match="empty"):
+        list(store.sequences())
+    with pytest.raises(ConfigError, match="temperature"):
+        DataStore.open_or_create(tmp_path / "s", Manifest(**{**SETTINGS, "temperature": 0.5}))
+    store.append([np.array([1, 2])], [1], seconds=1.0, prompts=1)
+    (tmp_path / "s" / store.manifest.shards[0]).write_bytes(b"not a zip")
+    with pytest.raises(FileFormatError, match="corrupt"):
+        list(store.sequences())

@@ -1,0 +1,222 @@
+"""``sequoia simulate``: predict decoding speed before running it (non-SI vs SI vs DSI)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from sequoia.acceptance import AcceptanceResult
+from sequoia.dsi import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SP_DEGREE,
+    DSIConfig,
+    Grid,
+    SimResult,
+    grid,
+    simulate,
+)
+from sequoia.dsi_paper import PaperRow, reproduce
+from sequoia.errors import ConfigError, FileFormatError
+from sequoia.profiler import Profile
+from sequoia.tree import write_atomic, write_json_atomic
+from sequoia_cli.common import console, handles_errors
+
+app = typer.Typer(help="Simulate decoding algorithms before running them.", no_args_is_help=True)
+
+
+def _point_inputs(
+    target_latency: float | None,
+    drafter_latency: float | None,
+    acceptance: float | None,
+    profile: Path | None,
+    drafter_profile: Path | None,
+    acceptance_file: Path | None,
+    prefix_length: int,
+) -> tuple[float, float, float] | None:
+    """(target ms, drafter ms, acceptance) from numbers or files; None if none was given."""
+    given = {
+        "target latency (--target-latency or --profile)": (target_latency, profile),
+        "drafter latency (--drafter-latency, --drafter-profile or a profile with a draft section)":
+            (drafter_latency, drafter_profile),
+        "acceptance (--acceptance or --acceptance-file)": (acceptance, acceptance_file),
+    }
+    for what, (number, path) in given.items():
+        if number is not None and path is not None:
+            raise ConfigError(f"give the {what.split(' (')[0]} once: a number or a file, not both")
+    if all(n is None and p is None for n, p in given.values()):
+        return None
+    target_profile = Profile.load(profile) if profile else None
+    if target_latency is None and target_profile:
+        target_latency = target_profile.latency(1, prefix_length)
+    if drafter_latency is None and drafter_profile:
+        drafter_latency = Profile.load(drafter_profile).latency(1, prefix_length)
+    elif drafter_latency is None and target_profile and target_profile.draft:
+        drafter_latency = target_profile.draft_latency(1, prefix_length)
+    if acceptance is None and acceptance_file:
+        acceptance = AcceptanceResult.load(acceptance_file).vector[0]  # p[1]: chain acceptance
+    values = dict(zip(given, (target_latency, drafter_latency, acceptance)))
+    missing = [what for what, value in values.items() if value is None]
+    if missing:
+        raise ConfigError(f"missing {'; '.join(missing)}")
+    return target_latency, drafter_latency, acceptance
+
+
+def _point_table(r: SimResult) -> Table:
+    c = r.config
+    table = Table(title=f"Latency per generated token (ms), {r.si_tokens_per_step.mean:.2f} "
+                  "tokens per SI step", title_justify="left")
+    for col in ("algorithm", "ms/token", "± s.e.", "tokens/s", "vs non-SI", "vs SI"):
+        table.add_column(col, justify="right")
+    rows = (
+        ("non-SI", r.non_si, 0.0),
+        (f"SI (lookahead {c.lookahead})", r.si.mean, r.si.stderr),
+        (f"DSI (lookahead {c.lookahead}, SP {c.sp_degree})", r.dsi.mean, r.dsi.stderr),
+    )
+    for name, ms, se in rows:
+        table.add_row(name, f"{ms:.3f}", f"{se:.3f}", f"{1000 / ms:.1f}",
+                      f"{r.non_si / ms:.2f}x", f"{r.si.mean / ms:.2f}x")
+    return table
+
+
+def _paper_markdown(rows: list[PaperRow], sp_degree: int, samples: int, seed: int) -> str:
+    speedups = [row.speedup for row in rows]
+    lines = [
+        "# DSI vs SI on the paper's single-node settings (simulated)",
+        "",
+        f"`sequoia simulate dsi --paper-table` with SP degree {sp_degree} (target instances), "
+        f"{samples} Monte Carlo epochs per setting and lookahead, seed {seed}; each algorithm at "
+        "its own best lookahead in 1..20. Inputs (target/drafter ms per forward, per-token "
+        "acceptance) are the paper's Table 2 as recalled in `sequoia/dsi_paper.py` "
+        "(not checked against the PDF). The paper reports 1.29-1.92x; these inputs give "
+        f"{min(speedups):.2f}-{max(speedups):.2f}x.",
+        "",
+        "| target | drafter | dataset | target ms | drafter ms | drafter % | acceptance "
+        "| SI k | SI ms/tok | DSI k | DSI ms/tok | DSI vs SI | paper | DSI vs non-SI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s = row.setting
+        lines.append(
+            f"| {s.target} | {s.drafter} | {s.dataset} | {s.target_ms:.2f} | {s.drafter_ms:.2f} "
+            f"| {100 * s.drafter_fraction:.1f} | {s.acceptance:.2f} | {row.si.config.lookahead} "
+            f"| {row.si.si.mean:.2f} | {row.dsi.config.lookahead} | {row.dsi.dsi.mean:.2f} "
+            f"| {row.speedup:.2f}x | {s.reported_speedup:.2f}x "
+            f"| {row.dsi.dsi_speedup_vs_non_si:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _paper_rich(rows: list[PaperRow]) -> Table:
+    table = Table(title="Paper settings: DSI vs SI (simulated vs reported)", title_justify="left")
+    for col in ("target / drafter", "dataset", "drafter %", "acceptance", "DSI vs SI", "paper"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        s = row.setting
+        table.add_row(f"{s.target} / {s.drafter}", s.dataset, f"{100 * s.drafter_fraction:.1f}",
+                      f"{s.acceptance:.2f}", f"{row.speedup:.2f}x", f"{s.reported_speedup:.2f}x")
+    return table
+
+
+def _heatmap_png(g: Grid) -> bytes:
+    """Three speed-up panels over drafter latency x acceptance, log colour scales centred on
+    1 (red: slower, blue: faster), the 1.0 line drawn where a panel crosses it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    panels = (
+        ("SI vs non-SI (red: SI is slower)", 1.0 / g.si),
+        ("DSI vs SI", g.si / g.dsi),
+        ("DSI vs the faster of SI and non-SI", np.minimum(g.si, 1.0) / g.dsi),
+    )
+    x, y = np.asarray(g.drafter_fractions), np.asarray(g.acceptances)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    for ax, (title, speedup) in zip(axes, panels):
+        extreme = max(speedup.max(), 1.0 / speedup.min(), 1.05)
+        norm = LogNorm(vmin=1.0 / extreme, vmax=extreme)
+        mesh = ax.pcolormesh(x, y, speedup, cmap="RdBu", norm=norm, shading="nearest")
+        if speedup.min() < 1.0 < speedup.max():
+            ax.contour(x, y, speedup, levels=[1.0], colors="black", linewidths=1.2)
+        ax.set(title=f"{title}: {speedup.min():.2f}-{speedup.max():.2f}x",
+               xlabel="drafter latency / target latency", ylabel="acceptance rate")
+        bar = fig.colorbar(mesh, ax=ax, label="speed-up (log scale)")
+        ticks = np.geomspace(1.0 / extreme, extreme, 5)
+        bar.set_ticks(ticks, labels=[f"{t:.2f}x" for t in ticks], minor=False)
+        bar.ax.minorticks_off()
+    fig.suptitle(f"Simulated speed-ups, SP degree {g.sp_degree}, best lookahead in "
+                 f"{min(g.lookaheads)}..{max(g.lookaheads)} per algorithm")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+@app.command("dsi")
+@handles_errors
+def dsi(
+    target_latency: float | None = typer.Option(None, "--target-latency", help="Target ms per forward."),
+    drafter_latency: float | None = typer.Option(None, "--drafter-latency", help="Drafter ms per token."),
+    acceptance: float | None = typer.Option(None, "--acceptance", help="Per-token acceptance rate in [0, 1]."),
+    profile: Path | None = typer.Option(
+        None, "--profile", help="Target profile (sequoia-profile/1): its 1-token median latency; its "
+        "draft section, if any, gives the drafter latency."),
+    drafter_profile: Path | None = typer.Option(None, "--drafter-profile", help="Profile of the drafter."),
+    prefix_length: int = typer.Option(512, "--prefix-length", help="Context length latencies are read at."),
+    acceptance_file: Path | None = typer.Option(
+        None, "--acceptance-file", help="sequoia-acceptance/1 file; its p[1] is the per-token rate."),
+    lookahead: int = typer.Option(5, "--lookahead", help="Drafts per verification."),
+    sp_degree: int = typer.Option(DEFAULT_SP_DEGREE, "--sp-degree", help="Target instances running at once."),
+    samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", help="Monte Carlo samples per setting."),
+    seed: int = typer.Option(0, "--seed", help="Monte Carlo seed."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the result of the setting above."),
+    heatmap: Path | None = typer.Option(
+        None, "--heatmap", help="Write the drafter-latency x acceptance heatmap (PNG, data next to it "
+        "as .json)."),
+    paper_table: Path | None = typer.Option(
+        None, "--paper-table", help="Write the paper-settings table (Markdown, data next to it as .json)."),
+    max_lookahead: int = typer.Option(10, "--max-lookahead", help="Heatmap: best lookahead in 1..N."),
+) -> None:
+    """Expected latency per token of non-SI, SI and DSI, by event-driven Monte Carlo simulation."""
+    inputs = _point_inputs(target_latency, drafter_latency, acceptance, profile, drafter_profile,
+                           acceptance_file, prefix_length)
+    if inputs is None and heatmap is None and paper_table is None:
+        raise ConfigError("nothing to simulate: give latencies and acceptance, --heatmap or --paper-table")
+    if max_lookahead < 1:
+        raise ConfigError(f"--max-lookahead must be >= 1, got {max_lookahead}")
+    if json_out is not None and inputs is None:
+        raise ConfigError("--json writes the result of one setting: give latencies and acceptance")
+    point = simulate(DSIConfig(*inputs, lookahead, sp_degree), samples, seed) if inputs else None
+    surface = grid(lookaheads=range(1, max_lookahead + 1), sp_degree=sp_degree, seed=seed) if heatmap else None
+    rows = reproduce(sp_degree=sp_degree, samples=samples, seed=seed) if paper_table else None
+    writes: list[tuple[Path, Callable[[], None]]] = []  # all rendered before anything is written
+    if point is not None:
+        console.print(_point_table(point))
+        if json_out is not None:
+            writes.append((json_out, lambda: write_json_atomic(json_out, point.to_json())))
+    if surface is not None:
+        png = _heatmap_png(surface)
+        data = heatmap.with_suffix(".json")
+        writes.append((heatmap, lambda: write_atomic(heatmap, lambda tmp: tmp.write_bytes(png))))
+        writes.append((data, lambda: write_json_atomic(data, surface.to_json())))
+        vs_si, vs_best = surface.si / surface.dsi, np.minimum(surface.si, 1.0) / surface.dsi
+        console.print(f"heatmap: SI slower than non-SI at {int((surface.si > 1.0).sum())}/"
+                      f"{surface.si.size} points; DSI vs SI {vs_si.min():.2f}-{vs_si.max():.2f}x, "
+                      f"vs the faster of both {vs_best.min():.2f}-{vs_best.max():.2f}x -> {heatmap}")
+    if rows is not None:
+        console.print(_paper_rich(rows))
+        text = _paper_markdown(rows, sp_degree, samples, seed)
+        table_data = paper_table.with_suffix(".json")
+        writes.append((paper_table, lambda: write_atomic(paper_table, lambda tmp: tmp.write_text(text))))
+        writes.append((table_data, lambda: write_json_atomic(table_data, [r.to_json() for r in rows])))
+    for path, write in writes:
+        try:
+            write()
+        except OSError as exc:
+            raise FileFormatError(f"cannot write {path}: {exc.strerror or exc}") from None

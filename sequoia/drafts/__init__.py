@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sequoia.drafts.base import Draft, DraftContext, NoDraft, Proposer
+from sequoia.drafts.early_exit import early_exit_model, parse_spec
 from sequoia.drafts.lm import LMProposer, check_same_vocabulary
 from sequoia.drafts.ngram import NgramProposer
 
@@ -21,13 +22,16 @@ __all__ = [
 
 
 def make_proposer(spec: str, target, dtype: str = "float32", device: str = "cpu") -> Proposer:
-    """``none``, ``ngram``, or a model spec loaded as an :class:`LMProposer` for ``target``
+    """``none``, ``ngram``, ``early-exit:N`` (the target's first N layers), or a model spec loaded as an :class:`LMProposer` for ``target``
     (a :class:`~sequoia.models.LoadedModel`); a draft with another tokenizer or vocabulary
     raises :class:`~sequoia.errors.ModelError`."""
     if spec == "none":
         return NoDraft()
     if spec == "ngram":
         return NgramProposer()
+    layers = parse_spec(spec)
+    if layers is not None:
+        return LMProposer(early_exit_model(target.model, layers))
     from sequoia.models import check_tokenizers_match, load_model
 
     draft = load_model(spec, dtype=dtype, device=device)

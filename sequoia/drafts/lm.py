@@ -9,6 +9,8 @@ not seen yet (the root, and an accepted leaf) are fed at the start of the next p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -17,6 +19,9 @@ from sequoia.errors import ModelError
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.sampling import logits_to_probs, sample_with_replacement, sample_without_replacement
 from sequoia.tree import Tree
+
+if TYPE_CHECKING:
+    from sequoia.engine import StepResult
 
 
 class LMProposer(Proposer):
@@ -68,7 +73,8 @@ class LMProposer(Proposer):
         self._fed, self._prefix_len = tree.levels[tree.depth][0], prefix_len
         return Draft(tokens, probs)
 
-    def observe(self, step) -> None:
+    @torch.inference_mode()
+    def observe(self, step: StepResult) -> None:
         """Keep the accepted path's cache slots (the nodes this draft fed)."""
         if not self._fed:
             return

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 import typer
 from rich.table import Table
 
@@ -20,8 +21,10 @@ from sequoia.dsi import (
     grid,
     simulate,
 )
+from sequoia.dsi_check import CHECK_PROMPTS, CheckResult, check
 from sequoia.dsi_paper import PaperRow, reproduce
 from sequoia.errors import ConfigError, FileFormatError
+from sequoia.models import tiny_llama
 from sequoia.profiler import Profile
 from sequoia.tree import write_atomic, write_json_atomic
 from sequoia_cli.common import console, handles_errors
@@ -220,3 +223,46 @@ def dsi(
             write()
         except OSError as exc:
             raise FileFormatError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _check_table(r: CheckResult, lookahead: int, sp_degree: int) -> Table:
+    table = Table(title=f"Orchestrator on latency-injected tiny models: target {r.target_ms:.1f} ms, "
+                  f"drafter {r.drafter_ms:.1f} ms per forward (medians during the DSI runs), "
+                  f"acceptance {r.acceptance:.2f} realised", title_justify="left")
+    for col in ("", "non-SI ms/token", f"DSI (k {lookahead}, SP {sp_degree}) ms/token", "speed-up"):
+        table.add_column(col, justify="right")
+    sim = r.simulated
+    table.add_row("measured", f"{r.non_si_ms:.2f}", f"{r.dsi_ms:.2f}", f"{r.non_si_ms / r.dsi_ms:.2f}x")
+    table.add_row("simulated", f"{sim.non_si:.2f}", f"{sim.dsi.mean:.2f}", f"{sim.dsi_speedup_vs_non_si:.2f}x")
+    return table
+
+
+@app.command("check-dsi")
+@handles_errors
+def check_dsi(
+    target_delay_ms: float = typer.Option(20.0, "--target-delay-ms", help="Sleep added to each target forward."),
+    drafter_delay_ms: float = typer.Option(4.0, "--drafter-delay-ms", help="Sleep added to each draft."),
+    acceptance: float = typer.Option(0.8, "--acceptance", help="Chance that a draft is the target's token."),
+    lookahead: int = typer.Option(3, "--lookahead", help="Drafts per verification."),
+    sp_degree: int = typer.Option(4, "--sp-degree", help="Target workers (threads)."),
+    tokens: int = typer.Option(64, "--tokens", help="New tokens per prompt."),
+    threads: int = typer.Option(1, "--threads", help="torch intra-op threads (process-wide)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the measurement."),
+) -> None:
+    """Run the real DSI orchestrator on tiny models whose forwards wait like GPU forwards, and
+    compare its wall time per token with non-SI and with the simulator."""
+    if min(target_delay_ms, drafter_delay_ms) < 0:
+        raise ConfigError("delays must be >= 0 ms")
+    if tokens < 1 or threads < 1:
+        raise ConfigError(f"--tokens and --threads must be >= 1, got {tokens} and {threads}")
+    torch.set_num_threads(threads)  # tiny forwards: more threads only contend on a small CPU
+    result = check(tiny_llama(seed=0), CHECK_PROMPTS, tokens, target_delay_ms, drafter_delay_ms,
+                   acceptance, lookahead, sp_degree)
+    console.print(_check_table(result, lookahead, sp_degree))
+    console.print("lossless: DSI output == target greedy output" if result.lossless
+                  else "[bold red]DSI output differs from the target's greedy output[/]")
+    if json_out is not None:
+        try:
+            write_json_atomic(json_out, result.to_json())
+        except OSError as exc:
+            raise FileFormatError(f"cannot write {json_out}: {exc.strerror or exc}") from None

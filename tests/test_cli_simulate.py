@@ -103,3 +103,18 @@ def test_unwritable_output_is_one_line(tmp_path):
     blocker.write_text("")
     result = _dsi(*POINT, "--json", str(blocker / "p.json"))
     assert result.exit_code == 2 and "cannot write" in result.output
+
+
+def test_check_dsi_runs_the_orchestrator_and_writes_json(tmp_path):
+    out = tmp_path / "check.json"
+    result = runner.invoke(app, ["simulate", "check-dsi", "--tokens", "6", "--target-delay-ms", "2",
+                                 "--drafter-delay-ms", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "lossless: DSI output == target greedy output" in result.output
+    data = json.loads(out.read_text())
+    assert data["lossless"] is True and data["simulated"]["config"]["lookahead"] == 3
+
+
+def test_check_dsi_bad_input():
+    result = runner.invoke(app, ["simulate", "check-dsi", "--sp-degree", "0"])
+    assert result.exit_code == 2 and "SP degree" in result.output

@@ -41,18 +41,21 @@ from sequoia.errors import ConfigError
 POLL_S = 0.05  # the coordinator wakes at least this often, so Ctrl-C is seen promptly
 
 
+def _logits(model: Any, sequence: tuple[int, ...]) -> torch.Tensor:  # [len(sequence), vocab]
+    """One forward over the whole sequence (no cache: any worker can take any task)."""
+    ids = torch.tensor([sequence], device=getattr(model, "device", "cpu"))
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits[0]
+
+
 def target_greedy(model: Any, sequence: tuple[int, ...], start: int) -> list[int]:
     """The model's greedy token for each position ``start .. len(sequence)``, one forward."""
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([sequence]), use_cache=False).logits
-    return logits[0, start - 1 :].argmax(-1).tolist()
+    return _logits(model, sequence)[start - 1 :].argmax(-1).tolist()
 
 
 def draft_next(model: Any, sequence: tuple[int, ...]) -> int:
     """The drafter's greedy token for position ``len(sequence)``."""
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([sequence]), use_cache=False).logits
-    return int(logits[0, -1].argmax())
+    return int(_logits(model, sequence)[-1].argmax())
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""``sequoia generate`` on tiny local models: output equals greedy ``generate``; bad input is
+one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from sequoia.acceptance import AcceptanceResult
+from sequoia.models import tiny_llama
+from sequoia.tree import Tree
+from sequoia_cli.main import app
+
+WORDS = [f"w{i}" for i in range(64)]
+PROMPT = "w3 w1 w4 w1 w5 w9 w2 w6"
+
+
+def _tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def _model_dir(path, seed: int, words: list[str] = WORDS):
+    tiny_llama(seed=seed).save_pretrained(path)
+    _tokenizer(words).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    swapped = WORDS[1:2] + WORDS[:1] + WORDS[2:]
+    return {
+        "target": _model_dir(root / "target", 0),
+        "draft": _model_dir(root / "draft", 1),
+        "other-tokenizer": _model_dir(root / "other", 1, swapped),
+    }
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["generate", *args])
+
+
+def _greedy_text(target_dir: str, max_new_tokens: int) -> str:
+    tok = _tokenizer(WORDS)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    out = tiny_llama(seed=0).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=max_new_tokens, pad_token_id=0)
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("draft", ["ngram", "none", "draft", "early-exit:1"])
+def test_greedy_output_equals_generate(dirs, draft):
+    spec = dirs.get(draft, draft)
+    result = _run("--target", dirs["target"], "--draft", spec, "--prompt", PROMPT, "--max-new-tokens", "20")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == _greedy_text(dirs["target"], 20)
+    assert "tokens/s" in result.stderr and "tokens/step" in result.stderr
+    for part in ("draft", "target", "verify", "cache", "other"):
+        assert part in result.stderr
+
+
+def test_solver_tree_from_acceptance_and_tree_file(dirs, tmp_path):
+    accept = tmp_path / "acceptance.json"
+    AcceptanceResult(target="t", draft="d", mode="greedy", temperature=0.0, top_p=1.0, vector=(0.6, 0.2, 0.1),
+                     stderr=(0.0, 0.0, 0.0), samples=100, prompts="test").save(accept)
+    solved = _run("--target", dirs["target"], "--draft", dirs["draft"], "--budget", "12", "--max-depth", "4",
+                  "--acceptance", str(accept), "--prompt", PROMPT, "--max-new-tokens", "16")
+    assert solved.exit_code == 0, solved.output
+    assert "tree of 12 nodes, depth 4" in solved.stderr
+    tree_file = tmp_path / "tree.json"
+    Tree.from_children_counts([2, 1, 1]).save(tree_file)
+    from_file = _run("--target", dirs["target"], "--tree", str(tree_file), "--prompt-file", str(_prompt_file(tmp_path)),
+                     "--max-new-tokens", "16")
+    assert from_file.exit_code == 0, from_file.output
+    assert solved.stdout == from_file.stdout == _greedy_text(dirs["target"], 16) + "\n"
+
+
+def _prompt_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text(PROMPT)
+    return path
+
+
+def test_stochastic_is_reproducible_with_a_seed(dirs):
+    args = ["--target", dirs["target"], "--draft", dirs["draft"], "--prompt", PROMPT, "--max-new-tokens", "12",
+            "--temperature", "0.8", "--top-p", "0.9"]
+    first, second = _run(*args, "--seed", "5"), _run(*args, "--seed", "5")
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout and len(first.stdout.split()) == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--draft", "@other-tokenizer"], "tokenizers disagree"),
+        (["--tree", "@bad-tree"], "node 0 must be the root"),
+        (["--tree", "@missing"], "not found"),
+        (["--prompt", " ".join(["w7"] * 300)], "context"),
+        (["--temperature", "-0.5"], "temperature"),
+        (["--top-p", "0"], "top-p"),
+        (["--top-p", "1.5"], "top-p"),
+        (["--mode", "beam"], "--mode"),
+        (["--budget", "8"], "--acceptance"),
+        (["--draft", "none", "--tree", "@bad-tree"], "--draft none"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(dirs, tmp_path, args, message):
+    bad_tree = tmp_path / "bad.json"
+    bad_tree.write_text(json.dumps({"format": "sequoia-tree/1", "parents": [0, 0]}))
+    paths = {"@other-tokenizer": dirs["other-tokenizer"], "@bad-tree": str(bad_tree),
+             "@missing": str(tmp_path / "nope.json")}
+    args = [paths.get(a, a) for a in args]
+    if "--prompt" not in args:
+        args += ["--prompt", PROMPT]
+    result = _run("--target", dirs["target"], *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert result.stdout == ""

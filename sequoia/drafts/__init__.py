@@ -22,7 +22,9 @@ __all__ = [
 
 
 def make_proposer(spec: str, target, dtype: str = "float32", device: str = "cpu") -> Proposer:
-    """``none``, ``ngram``, ``early-exit:N`` (the target's first N layers), or a model spec loaded as an :class:`LMProposer` for ``target``
+    """``none``, ``ngram``, ``early-exit:N`` (the target's first N layers), a trained draft
+    (packaged name such as ``smollm2-135m-mlp`` or a ``sequoia draft train`` directory, run in
+    bfloat16 where the device can), or a model spec loaded as an :class:`LMProposer` for ``target``
     (a :class:`~sequoia.models.LoadedModel`); a draft with another tokenizer or vocabulary
     raises :class:`~sequoia.errors.ModelError`."""
     if spec == "none":
@@ -32,6 +34,10 @@ def make_proposer(spec: str, target, dtype: str = "float32", device: str = "cpu"
     layers = parse_spec(spec)
     if layers is not None:
         return LMProposer(early_exit_model(target.model, layers))
+    from sequoia.drafts.trained import draft_dir, load_trained_proposer
+
+    if draft_dir(spec) is not None:  # a packaged name or a `sequoia draft train` directory
+        return load_trained_proposer(spec, target.model)
     from sequoia.models import check_tokenizers_match, load_model
 
     draft = load_model(spec, dtype=dtype, device=device)

@@ -1,0 +1,225 @@
+"""Chimera's lightweight draft (arXiv 2402.15758), fed by the target's last hidden states.
+
+Three parts, as in the paper:
+
+* a **trigram encoder**: one linear map of the (target's, frozen) embeddings of the last three
+  tokens -- short-range dependencies without attention;
+* a **one-layer full-context encoder** over the target's readily available last hidden states:
+  position ``i``'s input fuses its trigram with ``h[i-1]``, the target state that predicted
+  token ``i``, and a causal attention + MLP layer mixes the whole context. The layer starts as
+  the identity (zero output projections), which trains far better than copying a target layer;
+* **residual decoding heads**, one per tree level: ``o = z + MLP(z)`` with ``z`` = encoder
+  output + the target's last available hidden state, then one output layer over the reduced
+  vocabulary (started from the target's rows).
+
+Deeper levels feed predictions forward the way EAGLE does: a tree node has no target state, so
+its input fuses its trigram (path tokens) with its parent's head output ``o``, and it attends
+to the real context plus its own tree ancestors. Training unrolls exactly that ("training-time
+test"): level ``k`` runs on the model's own level-``k - 1`` outputs, never on target states
+the draft would not have. There is no positional encoding: order enters through the causal
+mask, the trigram and the target's states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sequoia.drafts.heads import HeadsProposer, last_hidden
+from sequoia.drafts.trained import NO_TOKEN, DraftConfig, ReducedVocab, TrainedDraft, shift_right
+from sequoia.tree import Tree
+
+FUSE_INIT_SCALE = 0.1  # the fused input starts small next to the target state it is added to
+
+
+@dataclass(frozen=True)
+class ChimeraConfig(DraftConfig):
+    attention_heads: int = 0  # 0: hidden_size // 64 (at least 1)
+    mlp_size: int = 0  # 0: 2 * hidden_size
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.attention_heads or max(1, self.hidden_size // 64)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm causal attention + gated MLP; the identity at initialisation."""
+
+    def __init__(self, width: int, heads: int, mlp_size: int) -> None:
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by {heads} attention heads"
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(width), nn.RMSNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.attn_out = nn.Linear(width, width, bias=False)
+        self.gate_up = nn.Linear(width, 2 * mlp_size, bias=False)
+        self.down = nn.Linear(mlp_size, width, bias=False)
+        nn.init.zeros_(self.attn_out.weight)
+        nn.init.zeros_(self.down.weight)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # [..., width] -> 3 x [..., H, dh]
+        q, k, v = self.qkv(self.attn_norm(x)).chunk(3, dim=-1)
+        return tuple(t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:  # [..., width], [..., H, dh]
+        x = x + self.attn_out(attended.flatten(-2))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def attend(
+    q: torch.Tensor,  # [..., M, H, dh]
+    k: torch.Tensor,  # [..., N, H, dh]
+    v: torch.Tensor,  # [..., N, H, dh]
+    allowed: torch.Tensor,  # [M, N] bool; every row allows at least one key
+) -> torch.Tensor:  # [..., M, H, dh]
+    assert q.ndim == k.ndim == v.ndim and allowed.ndim == 2 and allowed.dtype == torch.bool
+    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), attn_mask=allowed)
+    return out.transpose(-3, -2)
+
+
+def unroll_mask(length: int, level: int, device: torch.device) -> torch.Tensor:  # [T, (level + 1) T] bool
+    """Keys of level ``level`` at position ``i`` (root ``r = i - level``): the real positions
+    ``<= r``, then, for each deeper level ``t = 1..level``, the tree node at ``i - level + t``.
+
+    >>> unroll_mask(3, 1, torch.device("cpu")).int().tolist()
+    [[0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 1]]
+    """
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    return torch.cat([j <= i - level] + [j == i - level + t for t in range(1, level + 1)], dim=1)
+
+
+class ResidualHead(nn.Module):
+    """``o = z + W_down SiLU(W_up RMSNorm(z))``; starts as the identity."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = nn.RMSNorm(width), nn.Linear(width, width), nn.Linear(width, width)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.down(F.silu(self.up(self.norm(z))))
+
+
+class ChimeraDraft(TrainedDraft):
+    """Trigram encoder + one-layer full-context encoder + residual decoding heads."""
+
+    kind = "chimera"
+    config_class = ChimeraConfig
+
+    def __init__(self, config: ChimeraConfig, vocab: ReducedVocab) -> None:
+        super().__init__(config, vocab)
+        d = config.hidden_size
+        self.trigram = nn.Linear(3 * d, d, bias=False)
+        self.fuse = nn.Linear(2 * d, d, bias=False)
+        with torch.no_grad():
+            self.fuse.weight.mul_(FUSE_INIT_SCALE)
+        self.encoder = EncoderLayer(d, config.num_attention_heads, config.mlp_size or 2 * d)
+        self.heads = nn.ModuleList(ResidualHead(d) for _ in range(config.heads))
+
+    def encoder_input(
+        self,
+        prev2: torch.Tensor,  # [...] int64, two tokens back (NO_TOKEN before the start)
+        prev1: torch.Tensor,  # [...] int64, the token before
+        tokens: torch.Tensor,  # [...] int64
+        state: torch.Tensor,  # [..., hidden] the target state that predicted `tokens`, or a stand-in
+    ) -> torch.Tensor:  # [..., hidden]
+        assert prev2.shape == prev1.shape == tokens.shape == state.shape[:-1]
+        trigram = self.trigram(torch.cat([self.embed(prev2), self.embed(prev1), self.embed(tokens)], dim=-1))
+        return self.fuse(torch.cat([trigram, state.to(trigram)], dim=-1))
+
+    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        assert tokens.ndim == 2 and hidden.shape[:2] == tokens.shape
+        prev1, prev2 = _shift_tokens(tokens, 1), _shift_tokens(tokens, 2)
+        hidden = hidden.to(self.out.weight)
+        state, keys, values, logits = hidden, [], [], []
+        for level in range(self.config.heads):
+            x = self.encoder_input(prev2, prev1, tokens, shift_right(state))
+            q, k, v = self.encoder.project(x)
+            keys.append(k)
+            values.append(v)
+            allowed = unroll_mask(tokens.shape[1], level, tokens.device)
+            c = self.encoder.finish(x, attend(q, torch.cat(keys, 1), torch.cat(values, 1), allowed))
+            state = self.heads[level](c + shift_right(hidden, level + 1))
+            logits.append(self.out(state))
+        return logits
+
+    def proposer(self) -> ChimeraProposer:
+        return ChimeraProposer(self)
+
+
+def _shift_tokens(tokens: torch.Tensor, steps: int) -> torch.Tensor:  # [B, T] -> [B, T]
+    pad = torch.full_like(tokens[:, :steps], NO_TOKEN)
+    return torch.cat([pad, tokens[:, :-steps]], dim=1)
+
+
+class ChimeraProposer(HeadsProposer):
+    """Grows a tree with a :class:`ChimeraDraft`, keeping the encoder's keys/values of the
+    accepted context (computed from real target states) across steps."""
+
+    model: ChimeraDraft
+
+    def reset(self) -> None:
+        self._keys: torch.Tensor | None = None  # [cached, H, dh]
+        self._values: torch.Tensor | None = None
+        self._cached = 0  # accepted positions in the key/value cache
+        self._root_out: torch.Tensor | None = None  # [hidden] encoder output at the root
+
+    def _begin(self, ctx, tree: Tree, tokens: torch.Tensor) -> None:
+        weight = self.model.out.weight
+        self._feed(ctx.tokens.to(weight.device), ctx.hidden_states)
+        n, heads = tree.size, self.model.encoder.heads
+        self._h_last = last_hidden(ctx, self.model.config.hidden_size, weight)
+        self._tokens, self._mask = tokens, tree.ancestor_mask.to(weight.device)
+        self._parents = torch.as_tensor(tree.parents, device=weight.device)
+        self._states = torch.zeros(n, self.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        self._tree_keys = torch.zeros(n, heads, self._keys.shape[-1], dtype=weight.dtype, device=weight.device)
+        self._tree_values = torch.zeros_like(self._tree_keys)
+        self._prev1 = torch.full((n,), NO_TOKEN, dtype=torch.long, device=weight.device)
+        if len(ctx.tokens) > 1:
+            self._prev1[0] = ctx.tokens[-2]
+
+    def _feed(self, seq: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Put the accepted positions not yet cached (the root last) through the encoder."""
+        length, start = len(seq), self._cached
+        if length == start:
+            return
+        assert length > start, "the context shrank without reset()"
+        d, weight = self.model.config.hidden_size, self.model.out.weight
+        states = torch.zeros(length - start, d, dtype=weight.dtype, device=weight.device)  # h[i - 1]
+        take = 0 if hidden is None else min(len(hidden), length - start)
+        if take:
+            states[-take:] = hidden[-take:].to(weight)
+        pos = torch.arange(start, length, device=seq.device)
+        back = [torch.where(pos >= s, seq[(pos - s).clamp(min=0)], NO_TOKEN) for s in (2, 1)]
+        x = self.model.encoder_input(back[0], back[1], seq[start:], states)
+        q, k, v = self.model.encoder.project(x)
+        if self._keys is not None:
+            k, v = torch.cat([self._keys, k]), torch.cat([self._values, v])
+        rows = torch.arange(length - start, device=seq.device)[:, None]
+        allowed = torch.arange(length, device=seq.device)[None, :] <= rows + start
+        out = self.model.encoder.finish(x, attend(q, k, v, allowed))
+        self._keys, self._values, self._cached, self._root_out = k, v, length, out[-1]
+
+    def _level(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
+        if level == 0:
+            out = self._root_out.expand(len(nodes), -1)
+        else:
+            parents = self._parents[nodes]
+            prev1 = self._tokens[parents]
+            x = self.model.encoder_input(self._prev1[parents], prev1, self._tokens[nodes], self._states[parents])
+            self._prev1[nodes] = prev1
+            q, self._tree_keys[nodes], self._tree_values[nodes] = self.model.encoder.project(x)
+            last = int(nodes.max()) + 1
+            keys = torch.cat([self._keys, self._tree_keys[1:last]])
+            values = torch.cat([self._values, self._tree_values[1:last]])
+            cached = torch.ones(len(nodes), self._cached, dtype=torch.bool, device=nodes.device)
+            allowed = torch.cat([cached, self._mask[nodes][:, 1:last]], dim=1)
+            out = self.model.encoder.finish(x, attend(q, keys, values, allowed))
+        self._states[nodes] = self.model.heads[level](out + self._h_last)
+        return self.model.out(self._states[nodes])

@@ -1,0 +1,71 @@
+"""The Chimera draft: the unroll's key mask, incremental context cache, and the proposer
+checks shared with the MLP speculator (unroll oracle, losslessness, sampling)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trained_draft_helpers import (
+    check_greedy_lossless,
+    check_stochastic,
+    check_tree_matches_unroll,
+    context,
+    random_draft,
+)
+
+from sequoia.drafts.base import DraftContext
+from sequoia.drafts.chimera import ChimeraDraft, unroll_mask
+from sequoia.tree import Tree
+
+
+@pytest.fixture(scope="module")
+def draft(tiny_target) -> ChimeraDraft:
+    return random_draft("chimera", tiny_target)
+
+
+def test_unroll_mask_level_2():
+    # position i at level 2 (root i - 2): real keys <= i - 2, then the depth-1 node (i - 1)
+    # and the depth-2 node (i itself), each from its own level's block
+    mask = unroll_mask(4, 2, torch.device("cpu")).int()
+    assert mask.tolist() == [
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+        [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+        [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+    ]
+
+
+def test_a_fresh_layer_starts_as_the_identity(draft):
+    fresh, width = ChimeraDraft(draft.config, draft.vocab), draft.config.hidden_size
+    x = torch.randn(2, 5, width)
+    attended = torch.randn(2, 5, fresh.encoder.heads, width // fresh.encoder.heads)
+    assert torch.equal(fresh.encoder.finish(x, attended), x)
+    assert torch.equal(fresh.heads[0](x), x)
+
+
+def test_the_context_cache_grows_incrementally(draft, tiny_target):
+    """Proposing step after step, the cache fed only the hidden states new since the last
+    proposal (as the engine gives them), equals a fresh proposer seeing the whole context."""
+    tokens = torch.tensor([5, 9, 2, 33, 17, 4, 60, 8, 21, 13])
+    tree = Tree.from_children_counts([2, 2, 1])
+    running, previous = draft.proposer(), None
+    for end in (3, 4, 7, 10):
+        full = context(tiny_target, tokens[:end])
+        new_rows = full.hidden_states if previous is None else full.hidden_states[previous - 1 :]
+        step = DraftContext(full.tokens, full.sampling, full.generator, hidden_states=new_rows)
+        assert running.propose(step, tree).tokens.tolist() == draft.proposer().propose(full, tree).tokens.tolist()
+        previous = end
+
+
+def test_tree_children_follow_the_unroll(draft, tiny_target):
+    check_tree_matches_unroll(draft, tiny_target)
+
+
+@pytest.mark.parametrize("prompt", [[1, 5, 9, 3, 7], [42]], ids=["five", "one"])
+def test_greedy_decoding_is_lossless(draft, tiny_target, prompt):
+    check_greedy_lossless(draft, tiny_target, prompt)
+
+
+@pytest.mark.parametrize("verifier", ["sequoia", "specinfer"])
+def test_stochastic_drafts_and_decoding(draft, tiny_target, verifier):
+    check_stochastic(draft, tiny_target, verifier)

@@ -16,7 +16,7 @@ from sequoia import profiler
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.profiler import Profile
-from sequoia_cli.common import console, handles_errors
+from sequoia_cli.common import console, err_console, handles_errors
 
 app = typer.Typer(help="Measure and inspect device latency profiles.", no_args_is_help=True)
 
@@ -65,6 +65,7 @@ def run(
     if draft_model:
         profiler.check_plan(prefixes, level_widths, profiler.model_context(draft_model.model))
     load_before = profiler.load_average()
+    _warn_if_busy(load_before)
     with _progress() as report:
         target = profiler.measure_grid(loaded.model, loaded.name, prefixes, counts, repeats, warmup, progress=report)
         draft_grid = None
@@ -142,6 +143,16 @@ def check_mask(
 
 
 # ---------------------------------------------------------------------------- rendering
+def _warn_if_busy(load: float) -> None:
+    cpus = os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        err_console.print(
+            f"[yellow]warning:[/] load average {load} on {cpus} CPUs: other work inflates the timings, "
+            "badly with several threads (try --threads 1, or profile an idle machine)",
+            highlight=False, soft_wrap=True,
+        )
+
+
 def plot_profile(result: Profile, path: Path) -> None:
     """Latency vs token count, one line (median, IQR band) per prefix length; atomic PNG."""
     import matplotlib

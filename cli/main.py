@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import sequoia
-from sequoia_cli import acceptance, draft, generate, optimize, profile, simulate, tree
+from sequoia_cli import acceptance, bench, draft, generate, optimize, profile, simulate, tree
 
 app = typer.Typer(
     name="sequoia",
@@ -18,6 +18,7 @@ app.add_typer(tree.app, name="tree")
 app.add_typer(profile.app, name="profile")
 app.command("optimize")(optimize.optimize)
 app.command("acceptance")(acceptance.acceptance)
+app.command("bench")(bench.bench)
 app.command("generate")(generate.generate)
 app.add_typer(draft.app, name="draft")
 app.add_typer(simulate.app, name="simulate")

@@ -1,0 +1,68 @@
+"""``sequoia bench``: every decoding method side by side; writes JSON, Markdown and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sequoia.bench import BenchConfig, benchmark, load_settings, write_report
+from sequoia.models import DEFAULT_MODEL
+from sequoia_cli.common import console, handles_errors, progress_bar
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return [float("nan")]
+
+
+@handles_errors
+def bench(
+    profile: Path = typer.Option(..., "--profile", help="Target profile in the engine's dtype."),
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Result stem: writes STEM.json/.md/.png."),
+    target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
+    draft: str = typer.Option("ngram", "--draft", help="ngram, early-exit:N, or a draft model."),
+    draft_profile: Path | None = typer.Option(None, "--draft-profile", help="Profile of the draft per level."),
+    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL / JSON / text file."),
+    limit: int | None = typer.Option(6, "--limit", help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens generated per prompt."),
+    temperatures: str = typer.Option("0,0.6,1.0", "--temperatures", help="Settings to run; 0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus threshold for the sampled settings."),
+    dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="dtypes of the plain generate baselines."),
+    engine_dtype: str = typer.Option("bfloat16", "--engine-dtype", help="Target dtype of the engine and peers."),
+    max_depth: int = typer.Option(12, "--max-depth", help="Deepest tree the optimizer considers."),
+    tree: Path | None = typer.Option(None, "--tree", help="Use this tree instead of the optimizer's."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Apply the target's chat template."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling generators."),
+) -> None:
+    """Benchmark plain generate, assisted generation, prompt lookup and tree decoding."""
+    config = BenchConfig(
+        profile=str(profile), target=target, draft=draft,
+        draft_profile=str(draft_profile) if draft_profile else None,
+        dtypes=tuple(d.strip() for d in dtypes.split(",") if d.strip()), engine_dtype=engine_dtype,
+        device=device, prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, chat=chat,
+        temperatures=load_settings(_floats(temperatures)), top_p=top_p, max_depth=max_depth,
+        tree=str(tree) if tree else None, seed=seed,
+    )
+    with progress_bar("loading models, measuring acceptance") as update:
+        report = benchmark(config, update)
+    paths = write_report(report, out)
+    for sec in report["sections"]:
+        table = Table(title=f"{sec['setting']}", title_justify="left")
+        for col in ("method", "tokens/s", "speed-up", "tokens/step", "predicted"):
+            table.add_column(col, justify="right" if col != "method" else "left")
+        for row in sec["summary"]:
+            pred = row["predicted_tokens_per_step"]
+            table.add_row(row["method"], f"{row['tokens_per_s']:.1f}", f"{row['speedup']:.2f}x",
+                          f"{row['tokens_per_step']:.2f}", "" if pred is None else f"{pred:.2f}")
+        console.print(table)
+        agreement = sec["greedy_agreement"]
+        if agreement is not None:
+            bad = [k for k, v in agreement.items() if not v["identical"]]
+            console.print("greedy outputs identical to plain generate: "
+                          + ("[green]all methods[/]" if not bad else f"[red]differ: {', '.join(bad)}[/]"))
+    console.print("wrote " + ", ".join(str(p) for p in paths))

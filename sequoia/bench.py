@@ -1,0 +1,192 @@
+"""``sequoia bench``: measure -> solve -> decode, every method side by side; write ``results/``.
+
+For each sampling setting (greedy, and each temperature) the benchmark takes the acceptance
+vector (measured here on the benchmark prompts unless given), asks the optimizer for the
+fastest tree on the profiled device, builds the best chain, k-ary and k-chains trees of the
+same size, and runs them against Hugging Face ``generate`` (each dtype), assisted generation
+and prompt lookup on the same prompts, interleaved (:mod:`sequoia.methods`). The report holds
+every run, the medians, the speed-ups over the fastest plain ``generate``, measured against
+predicted tokens/step, and the greedy token-for-token agreement check.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sequoia.acceptance import measure_counts
+from sequoia.drafts import LMProposer, make_proposer
+from sequoia.engine import eos_token_ids
+from sequoia.errors import ConfigError
+from sequoia.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
+from sequoia.models import DEFAULT_MODEL, load_model
+from sequoia.optimizer import choose
+from sequoia.profiler import Profile
+from sequoia.prompts import load_prompts, render_prompt
+from sequoia.sampling import SamplingConfig
+from sequoia.tree import Tree, write_atomic, write_json_atomic
+
+RESULT_FORMAT = "sequoia-bench/1"
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a benchmark run depends on (stored in the result for reproducibility)."""
+
+    profile: str  # target profile (sequoia-profile/1) in the engine's dtype
+    target: str = DEFAULT_MODEL
+    draft: str = "ngram"
+    draft_profile: str | None = None
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines
+    engine_dtype: str = "bfloat16"  # the engine's and the HF peers' target dtype
+    device: str = "cpu"
+    prompts: str = "builtin"
+    limit: int | None = 6
+    max_new_tokens: int = 64
+    chat: bool = True
+    temperatures: tuple[float, ...] = (0.0, 0.6, 1.0)  # 0 = greedy
+    top_p: float = 1.0
+    acceptance_width: int = 8
+    acceptance_tokens: int = 32
+    max_depth: int = 12
+    tree: str | None = None  # a fixed tree instead of the optimizer's
+    seed: int = 0
+
+
+def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
+    if config.engine_dtype not in config.dtypes:
+        raise ConfigError(f"the engine dtype {config.engine_dtype} must be one of --dtypes {config.dtypes}")
+    profile = Profile.load(config.profile)
+    draft_profile = Profile.load(config.draft_profile) if config.draft_profile else None
+    fixed_tree = Tree.load(config.tree) if config.tree else None
+    targets = {d: load_model(config.target, dtype=d, device=config.device) for d in config.dtypes}
+    main = targets[config.engine_dtype]
+    if profile.model != main.name:
+        raise ConfigError(f"{config.profile} profiles {profile.model!r}, not the target {main.name!r}")
+    prompt_set = load_prompts(config.prompts, config.limit)
+    prompts = [torch.tensor(render_prompt(main.tokenizer, p.text, config.chat)) for p in prompt_set]
+    eos = eos_token_ids(main.model, main.tokenizer)
+    factory = lambda: make_proposer(config.draft, main, dtype=config.engine_dtype, device=config.device)  # noqa: E731
+    probe = factory()
+    assistant = probe.model if isinstance(probe, LMProposer) else None
+    prefix_len = int(sum(len(p) for p in prompts) / len(prompts) + config.max_new_tokens / 2)
+
+    sections = []
+    for temperature in config.temperatures:
+        sampling = SamplingConfig(temperature, config.top_p if temperature else 1.0)
+        label = "greedy" if sampling.greedy else f"T={temperature:g}" + (f", top-p={config.top_p:g}" if config.top_p < 1 else "")
+        counts, samples = measure_counts(main.model, factory(), prompts, config.acceptance_width, sampling,
+                                         config.acceptance_tokens, eos, config.seed)
+        setting = Setting(label, sampling, tuple((counts / max(samples, 1)).tolist()))
+        choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=config.max_depth)
+        tree = fixed_tree or choice.best.tree
+        methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, config.engine_dtype,
+                                  factory, tree, eos, assistant)
+        step = (lambda done, total, name, lbl=label: progress(done, total, f"{lbl}: {name}")) if progress else None
+        results = run_bench(methods, prompts, config.max_new_tokens, prompts[0][:8], step)
+        baselines = [f"generate {d}" for d in config.dtypes]
+        sections.append({
+            "setting": label,
+            "temperature": temperature,
+            "top_p": sampling.top_p,
+            "acceptance": {"vector": list(setting.acceptance), "samples": samples},
+            "optimizer": {"size": choice.best.size, "depth": choice.best.depth,
+                          "predicted_tokens_per_step": choice.best.expected_tokens,
+                          "predicted_speedup": choice.speedup},
+            "summary": summarize(results, baselines),
+            "greedy_agreement": greedy_agreement(results, {d: f"generate {d}" for d in config.dtypes})
+            if sampling.greedy else None,
+            "runs": {r.method.name: [{"new_tokens": len(x.tokens), "seconds": x.seconds, "steps": x.steps}
+                                     for x in r.runs] for r in results},
+        })
+    return {
+        "format": RESULT_FORMAT,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": config.device},
+        "config": asdict(config),
+        "prompts": [p.id for p in prompt_set],
+        "sections": sections,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: one table per sampling setting, then the agreement check."""
+    cfg = report["config"]
+    lines = [
+        f"# Sequoia bench — {cfg['target']} with draft `{cfg['draft']}`",
+        "",
+        f"{report['date']} · {report['machine']['processor']} · torch {report['machine']['torch']} · "
+        f"{report['machine']['threads']} threads · {len(report['prompts'])} prompts × {cfg['max_new_tokens']} "
+        f"new tokens · engine dtype {cfg['engine_dtype']} · medians over prompts (min–max)",
+    ]
+    for sec in report["sections"]:
+        opt = sec["optimizer"]
+        vec = ", ".join(f"{x:.3f}" for x in sec["acceptance"]["vector"][:4])
+        lines += ["", f"## {sec['setting']}", "",
+                  f"Acceptance p[1..4] = {vec} ({sec['acceptance']['samples']} positions); optimizer: "
+                  f"{opt['size']} nodes, depth {opt['depth']}, predicted {opt['predicted_tokens_per_step']:.2f} "
+                  f"tokens/step, {opt['predicted_speedup']:.2f}x", "",
+                  "| method | tokens/s | speed-up | tokens/step | predicted |", "|---|---|---|---|---|"]
+        for row in sec["summary"]:
+            pred = row["predicted_tokens_per_step"]
+            lines.append(
+                f"| {row['method']} | {row['tokens_per_s']:.1f} ({row['tokens_per_s_min']:.1f}–"
+                f"{row['tokens_per_s_max']:.1f}) | {row['speedup']:.2f}x | {row['tokens_per_step']:.2f} | "
+                f"{'' if pred is None else f'{pred:.2f}'} |"
+            )
+        if sec["greedy_agreement"] is not None:
+            bad = {k: v for k, v in sec["greedy_agreement"].items() if not v["identical"]}
+            lines += ["", "Greedy outputs identical to plain `generate` in the same dtype: "
+                      + ("all methods, every prompt." if not bad else
+                         "; ".join(f"{k}: prompts {v['mismatched_prompts']} differ from token "
+                                   f"{v['first_difference_at']}" for k, v in bad.items()))]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Bar chart of speed-up per method, one panel per sampling setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = report["sections"]
+    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 4.5), squeeze=False)
+    for ax, sec in zip(axes[0], sections):
+        names = [r["method"].split(" (")[0] for r in sec["summary"]]
+        speed = [r["speedup"] for r in sec["summary"]]
+        ax.barh(names[::-1], speed[::-1], color=["tab:green" if n == "sequoia" else "tab:blue" for n in names[::-1]])
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_title(sec["setting"])
+        ax.set_xlabel("speed-up over fastest plain generate")
+    fig.suptitle(f"{report['config']['target']} + {report['config']['draft']} on {report['machine']['processor']}")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], stem: str | os.PathLike) -> list[Path]:
+    """Write ``stem.json``, ``stem.md`` and ``stem.png``, each atomically."""
+    stem = Path(stem)
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    write_json_atomic(paths[0], report)
+    write_atomic(paths[1], lambda tmp: Path(tmp).write_text(markdown(report)))
+    plot(report, paths[2])
+    return paths
+
+
+def load_settings(temperatures: Sequence[float]) -> tuple[float, ...]:
+    """Validate the list of temperatures (0 = greedy)."""
+    if not temperatures or any(not t >= 0 for t in temperatures):
+        raise ConfigError("--temperatures takes numbers >= 0 (0 = greedy), e.g. 0,0.6,1.0")
+    return tuple(float(t) for t in temperatures)

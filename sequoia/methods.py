@@ -1,0 +1,252 @@
+"""The decoding methods the benchmark compares, and running them side by side.
+
+Methods (each a :class:`Method`: a name, a runner, and for tree methods the tree and its
+predicted tokens/step):
+
+* ``generate <dtype>`` -- Hugging Face ``generate``, plain autoregressive decoding, in each
+  dtype asked for (the speed-up baseline is the fastest of them);
+* ``hf-assisted`` -- ``generate(assistant_model=draft)`` with the same draft (LM drafts only);
+* ``hf-prompt-lookup`` -- ``generate(prompt_lookup_num_tokens=...)``;
+* ``chain`` / ``k-ary`` / ``k-chains`` / ``sequoia`` -- this engine with the best tree of each
+  family at the Sequoia tree's size, and the optimizer's tree itself.
+
+Fairness: methods are interleaved prompt by prompt (the order rotates each prompt), so a burst
+of machine load hits all of them alike; each method runs once untimed first. Steps are counted
+by a forward hook on the target, the same way for every method: tokens/step = new tokens /
+target forwards (for the engine, the prefill forward is not a step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from sequoia.drafts.base import Proposer
+from sequoia.engine import Engine
+from sequoia.errors import ConfigError
+from sequoia.sampling import SamplingConfig
+from sequoia.solver import best_baseline, expected_tokens
+from sequoia.tree import Tree
+
+BASELINE_SHAPES = {"chain": "chain", "k-ary": "kary", "k-chains": "chains"}
+PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class Run:
+    """One method on one prompt."""
+
+    tokens: list[int]
+    seconds: float
+    steps: int  # target forwards that produced tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.tokens) / max(self.steps, 1)
+
+
+Runner = Callable[[torch.Tensor, int], tuple[list[int], int]]  # (prompt [L], max new) -> (tokens, steps)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A decoding method under test; ``group`` names the target dtype whose greedy output it
+    must reproduce token for token (None: no losslessness claim to check)."""
+
+    name: str
+    run: Runner
+    group: str | None
+    tree: Tree | None = None
+    predicted_tokens_per_step: float | None = None
+
+
+@dataclass
+class MethodResult:
+    method: Method
+    runs: list[Run] = field(default_factory=list)
+
+    def summary(self, baseline_tps: float | None) -> dict[str, Any]:
+        tps = [r.tokens_per_second for r in self.runs]
+        med = statistics.median(tps)
+        return {
+            "method": self.method.name,
+            "tokens_per_s": med,
+            "tokens_per_s_min": min(tps),
+            "tokens_per_s_max": max(tps),
+            "speedup": med / baseline_tps if baseline_tps else None,
+            "tokens_per_step": sum(len(r.tokens) for r in self.runs) / max(sum(r.steps for r in self.runs), 1),
+            "predicted_tokens_per_step": self.method.predicted_tokens_per_step,
+            "tree_size": self.method.tree.size if self.method.tree else None,
+            "tree_depth": self.method.tree.depth if self.method.tree else None,
+        }
+
+
+class ForwardCounter:
+    """Counts forward calls of a model (a hook), to measure target forwards per method."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.calls = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def hf_runner(model: PreTrainedModel, sampling: SamplingConfig, eos: Sequence[int], **extra: Any) -> Runner:
+    """Hugging Face ``generate`` (plain, assisted or prompt lookup) as a :data:`Runner`."""
+    options: dict[str, Any] = {"do_sample": False}
+    if not sampling.greedy:
+        options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+
+    def run(prompt: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+        counter = ForwardCounter(model)
+        try:
+            out = model.generate(
+                prompt[None].to(model.device), attention_mask=torch.ones_like(prompt[None]).to(model.device),
+                max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None,
+                pad_token_id=eos[0] if eos else None, **options, **extra,
+            )
+        finally:
+            counter.close()
+        return out[0, len(prompt):].tolist(), counter.calls
+
+    return run
+
+
+def engine_runner(engine: Engine) -> Runner:
+    """This project's engine as a :data:`Runner` (steps = engine steps, prefill excluded)."""
+
+    def run(prompt: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+        tokens = [t for step in engine.generate(prompt, max_new_tokens) for t in step.tokens]
+        return tokens, engine.stats.steps
+
+    return run
+
+
+def tree_methods(
+    target: PreTrainedModel,
+    proposer_factory: Callable[[], Proposer],
+    sequoia_tree: Tree,
+    acceptance: Sequence[float],
+    sampling: SamplingConfig,
+    eos: Sequence[int],
+    group: str,
+    seed: int = 0,
+) -> list[Method]:
+    """The optimizer's tree and the best chain, k-ary and k-chains trees of the same size."""
+    trees = {"sequoia": sequoia_tree}
+    for label, shape in BASELINE_SHAPES.items():
+        trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, max(sequoia_tree.size - 1, 0))
+    methods = []
+    for label, tree in trees.items():
+        engine = Engine(target, proposer_factory(), tree, sampling, eos_token_ids=eos, seed=seed)
+        name = f"{label} ({tree.size} nodes, depth {tree.depth})"
+        methods.append(Method(name, engine_runner(engine), group, tree, expected_tokens(tree, acceptance)))
+    return methods
+
+
+def run_bench(
+    methods: Sequence[Method],
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    warmup_prompt: torch.Tensor | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[MethodResult]:
+    """Run every method on every prompt, interleaved, the order rotating per prompt."""
+    if not prompts:
+        raise ConfigError("the benchmark needs at least one prompt")
+    if not methods:
+        raise ConfigError("the benchmark needs at least one method")
+    if warmup_prompt is not None:
+        for method in methods:
+            method.run(warmup_prompt, 4)
+    results = [MethodResult(m) for m in methods]
+    total, done = len(prompts) * len(methods), 0
+    for p, prompt in enumerate(prompts):
+        order = [(p + k) % len(methods) for k in range(len(methods))]
+        for index in order:
+            method = methods[index]
+            if progress is not None:
+                progress(done, total, method.name)
+            torch.manual_seed(1000 + p)
+            start = time.perf_counter()
+            tokens, steps = method.run(prompt, max_new_tokens)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            results[index].runs.append(Run(tokens, time.perf_counter() - start, steps))
+            done += 1
+    if progress is not None:
+        progress(done, total, "done")
+    return results
+
+
+def greedy_agreement(results: Sequence[MethodResult], reference: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """For each lossless method: does its greedy output equal its group's reference method's
+    (``reference[group]`` = name of the plain ``generate`` in that dtype), prompt by prompt?"""
+    by_name = {r.method.name: r for r in results}
+    report = {}
+    for r in results:
+        ref_name = reference.get(r.method.group or "")
+        if ref_name is None or ref_name == r.method.name:
+            continue
+        ref = by_name[ref_name]
+        mismatched = [i for i, (a, b) in enumerate(zip(r.runs, ref.runs)) if a.tokens != b.tokens]
+        first = [
+            next((k for k, (x, y) in enumerate(zip(r.runs[i].tokens, ref.runs[i].tokens)) if x != y),
+                 min(len(r.runs[i].tokens), len(ref.runs[i].tokens)))
+            for i in mismatched
+        ]
+        report[r.method.name] = {"reference": ref_name, "identical": not mismatched,
+                                 "mismatched_prompts": mismatched, "first_difference_at": first}
+    return report
+
+
+def summarize(results: Sequence[MethodResult], baseline_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-method summaries; the speed-up is over the fastest ``baseline_names`` method."""
+    medians = {r.method.name: statistics.median(x.tokens_per_second for x in r.runs) for r in results}
+    base = max((medians[n] for n in baseline_names if n in medians), default=None)
+    return [r.summary(base) for r in results]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One sampling setting of a benchmark and the acceptance vector measured for it."""
+
+    label: str  # "greedy", "T=0.6", ...
+    sampling: SamplingConfig
+    acceptance: tuple[float, ...]
+
+
+def setting_methods(
+    setting: Setting,
+    targets: dict[str, PreTrainedModel],  # dtype name -> target model
+    engine_dtype: str,
+    proposer_factory: Callable[[], Proposer],
+    sequoia_tree: Tree,
+    eos: Sequence[int],
+    assistant: PreTrainedModel | None,
+) -> list[Method]:
+    """Every method for one setting: ``generate`` per dtype, the HF peers, and the trees."""
+    target = targets[engine_dtype]
+    methods = [Method(f"generate {d}", hf_runner(m, setting.sampling, eos), d) for d, m in targets.items()]
+    if assistant is not None:
+        methods.append(Method("hf-assisted", hf_runner(target, setting.sampling, eos, assistant_model=assistant),
+                              engine_dtype))
+    methods.append(Method("hf-prompt-lookup", hf_runner(
+        target, setting.sampling, eos, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS), engine_dtype))
+    methods += tree_methods(target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
+                            engine_dtype)
+    return methods

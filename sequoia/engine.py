@@ -99,8 +99,9 @@ class DecodeStats:
     def observe_step(self, step: StepResult) -> None:
         k = step.num_accepted
         tried = k + bool(step.tree.children[step.accepted_nodes[-1]])  # the last node's kids failed
-        for counts, length in ((self.accept_hist, k + 1), (self.depth_tried, tried), (self.depth_accepted, tried)):
-            counts.extend([0] * (length - len(counts)))
+        self.accept_hist.extend([0] * (k + 1 - len(self.accept_hist)))
+        for counts in (self.depth_tried, self.depth_accepted):
+            counts.extend([0] * (tried - len(counts)))
         self.accept_hist[k] += 1
         for d in range(tried):
             self.depth_tried[d] += 1

@@ -88,19 +88,3 @@ class NoDraft(Proposer):
         assert tree.size == 1, "--draft none proposes nothing: use the single-node tree"
         return Draft(ctx.tokens[-1:].clone())
 
-
-def level_children(
-    tree: Tree,
-    level: int,
-    candidates: torch.Tensor,  # [len(level nodes), >= max children] candidates per node, best first
-) -> torch.Tensor:  # [len(next level)] the next level's tokens
-    """The next level's tokens: each node of ``level`` takes its first ``num_children`` candidates.
-
-    Because nodes are in BFS order, the children of one level are the next level, grouped by
-    parent in node order and by rank within a parent -- the row-major order of the mask.
-    """
-    nodes = list(tree.levels[level])
-    counts = torch.as_tensor(tree.num_children[nodes], device=candidates.device)  # [m]
-    width = candidates.shape[1]
-    take = torch.arange(width, device=candidates.device)[None, :] < counts[:, None]  # [m, width]
-    return candidates[take]

@@ -54,7 +54,7 @@ class LMProposer(Proposer):
         self._fed = 0
         if tree.depth == 0:
             return Draft(tokens, probs)
-        logits = self._feed_pending(ctx.tokens.to(device))  # [1, vocab], the root's
+        logits = self._feed_pending(ctx.tokens[self._cached :].to(device))  # [1, vocab], the root's
         prefix_len = len(ctx.tokens) - 1
         for level in range(tree.depth):
             nodes = tree.levels[level]
@@ -83,10 +83,9 @@ class LMProposer(Proposer):
         self._cached = self._prefix_len + len(kept)
         self._fed = 0
 
-    def _feed_pending(self, tokens: torch.Tensor) -> torch.Tensor:  # [L] -> [1, vocab]
+    def _feed_pending(self, pending: torch.Tensor) -> torch.Tensor:  # [m] -> [1, vocab]
         """Run the accepted tokens the cache lacks (ending with the root) causally."""
-        pending = tokens[self._cached :]
-        positions = torch.arange(self._cached, len(tokens), device=tokens.device)
+        positions = torch.arange(self._cached, self._cached + len(pending), device=pending.device)
         out = self.model(
             input_ids=pending[None],
             position_ids=positions[None],
@@ -94,7 +93,7 @@ class LMProposer(Proposer):
             logits_to_keep=1,
             **cache_kwargs(self.model, self._cache),
         )
-        self._cached = len(tokens)
+        self._cached += len(pending)
         return out.logits[0]
 
 

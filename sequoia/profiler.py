@@ -7,16 +7,17 @@ exactly what the decoder pays -- and the cache is cut back to the prefix afterwa
 
 Timing discipline (gpt-fast): ``warmup`` untimed rounds, then ``repeats`` timed rounds, under
 ``torch.inference_mode()``, with the device synchronised before every ``time.perf_counter()``.
-Each round visits every token count once, so a burst of machine load spreads over all cells
-instead of bending one of them. Each cell keeps its raw samples, median and spread.
+Each round visits every (prefix, token count) cell once (one
+cache per prefix), so load that comes and goes spreads over the whole grid instead of bending
+one curve. Each cell keeps its raw samples, median and spread.
 
 The same measurement over a draft model, with ``n`` = the width of one tree level, gives the
 draft's cost per level (the optional ``draft`` section). :class:`Profile` reads the
 ``sequoia-profile/1`` file back and interpolates::
 
-    >>> profile = Profile.load("profiles/cpu-2core-smollm2-135m-float32.json")
-    >>> profile.latency(tokens=20, prefix_len=300)   # ms, interpolated
-    >>> profile.knee(prefix_len=512)                 # largest n within 1.25x of 1 token
+    profile = Profile.load("profiles/cpu-2core-smollm2-135m-float32.json")
+    profile.latency(tokens=20, prefix_len=300)   # ms, interpolated
+    profile.knee(prefix_len=512)                 # largest n within 1.25x of 1 token
 """
 
 from __future__ import annotations
@@ -226,17 +227,20 @@ def measure_grid(
     done = 0
     samples = np.zeros((len(prefix_lengths), len(tokens), repeats))  # [prefix, tokens, repeat]
     generator = torch.Generator().manual_seed(seed)
-    for p, prefix_len in enumerate(prefix_lengths):
-        cache = prefill(model, prefix_len, generator)
-        passes = [_tree_pass(model, cache, prefix_len, n, generator) for n in tokens]
-        for round_ in range(warmup + repeats):
-            for t, run in enumerate(passes):
-                ms = time_pass(run, model, cache, prefix_len)
-                if round_ >= warmup:
-                    samples[p, t, round_ - warmup] = ms
-                done += 1
-                if progress:
-                    progress(done, total, f"{name}: prefix {prefix_len}, {tokens[t]} tokens")
+    caches = [prefill(model, prefix_len, generator) for prefix_len in prefix_lengths]
+    cells = [
+        (p, t, _tree_pass(model, caches[p], prefix_len, n, generator))
+        for p, prefix_len in enumerate(prefix_lengths)
+        for t, n in enumerate(tokens)
+    ]
+    for round_ in range(warmup + repeats):
+        for p, t, run in cells:
+            ms = time_pass(run, model, caches[p], prefix_lengths[p])
+            if round_ >= warmup:
+                samples[p, t, round_ - warmup] = ms
+            done += 1
+            if progress:
+                progress(done, total, f"{name}: prefix {prefix_lengths[p]}, {tokens[t]} tokens")
     return LatencyGrid(name, tuple(prefix_lengths), tuple(tokens), samples)
 
 
@@ -367,7 +371,7 @@ def build_profile(
         "warmup": warmup,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tree": f"complete {TREE_BRANCHING}-ary, BFS order; tree mask + tree position ids",
-        "order": "rounds over all token counts, interleaved",
+        "order": "each round visits every (prefix, tokens) cell once",
         "load_average": {"before": load_average[0], "after": load_average[1]},
         "notes": notes,
     }

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from sequoia.drafts.data import DataStore, Manifest, generate_data
-from sequoia.models import DEFAULT_MODEL, load_model
+from sequoia.drafts.evaluate import evaluate_draft, measure_acceptance
+from sequoia.drafts.train import TrainSettings, discard_checkpoint, open_training_data, train_from_store
+from sequoia.drafts.trained import CARD, draft_dir, load_draft, read_card, update_card
+from sequoia.engine import eos_token_ids
+from sequoia.models import DEFAULT_MODEL, cache_dir, load_model
 from sequoia_cli.common import console, handles_errors, progress_bar
 
 app = typer.Typer(help="Build distillation data and train drafts from the target itself.", no_args_is_help=True)
@@ -42,3 +47,97 @@ def data(
         f"{out}: {m.positions:,} positions in {m.sequences:,} sequences, {len(m.shards)} shards, "
         f"{m.seconds / 60:.1f} min of sampling ({m.positions / max(m.seconds, 1e-9):.0f} tokens/s)"
     )
+
+
+@app.command()
+@handles_errors
+def train(
+    data: Path = typer.Option(..., "--data", help="Data store from `sequoia draft data`."),
+    out: Path = typer.Option(..., "--out", help="Draft directory to write (card.json + draft.safetensors)."),
+    kind: str = typer.Option("mlp", "--kind", help="mlp (IBM MLP speculator) or chimera."),
+    work: Path | None = typer.Option(None, "--work", help="Cached target features + checkpoint [default: OUT.work]."),
+    target: str = typer.Option(DEFAULT_MODEL, "--target", help="The target the data was sampled from."),
+    minutes: float | None = typer.Option(60.0, "--minutes", help="Training time budget (summed over resumes)."),
+    steps: int | None = typer.Option(None, "--steps", help="Step budget (the first budget reached ends the run)."),
+    vocab: int = typer.Option(8192, "--vocab", help="Reduced output vocabulary: the most frequent target outputs."),
+    heads: int = typer.Option(4, "--heads", help="Tree levels the draft predicts (its maximum tree depth)."),
+    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Padded tokens per training step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the batch stream."),
+    held_out_tokens: int = typer.Option(128, "--held-out-tokens", help="Greedy tokens per held-out prompt."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="dtype of the target pass that extracts features."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoint in the work directory."),
+) -> None:
+    """Train a draft on the target's own hidden states (resumes from the work directory)."""
+    settings = TrainSettings(kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes)
+    store = open_training_data(data)
+    work = work or out.with_name(out.name + ".work")
+    if fresh:
+        discard_checkpoint(work)
+    with console.status(f"loading {target}"):
+        loaded = load_model(target, dtype=dtype, device=device)
+    with progress_bar("training") as update:
+        card = train_from_store(loaded, store, out, work, settings, eos_token_ids(loaded.model, loaded.tokenizer), held_out_tokens, update)
+    _show_card(card)
+    t = card["training"]
+    console.print(f"wrote {out} ({t['steps']} steps, {t['minutes']} min, {t['data_positions']:,} training positions)")
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    draft: str = typer.Argument(..., help="Trained draft directory or packaged name."),
+    target: str | None = typer.Option(None, "--target", help="Target [default: the one the draft was trained for]."),
+    work: Path | None = typer.Option(None, "--work", help="Where held-out target features are cached."),
+    held_out_tokens: int = typer.Option(128, "--held-out-tokens", help="Greedy tokens per held-out prompt."),
+    acceptance: bool = typer.Option(False, "--acceptance/--no-acceptance", help="Also measure the acceptance vector (slow)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Acceptance: sampling temperature (0 = greedy)."),
+    width: int = typer.Option(8, "--width", help="Acceptance: candidates per node."),
+    limit: int | None = typer.Option(None, "--limit", help="Acceptance: use only the first N prompts."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Acceptance: tokens decoded per prompt."),
+    max_size: int = typer.Option(64, "--max-size", help="Tree size for the predicted tokens per step."),
+    update: bool = typer.Option(False, "--update-card", help="Write the results into the draft's card."),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype of the target."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+) -> None:
+    """Held-out agreement per tree level, cost per level and (optionally) acceptance of a draft."""
+    card = read_card(draft_dir(draft) or Path(draft))
+    load_draft(draft)  # a corrupt draft fails here, before the target loads
+    name = target or card["target"]
+    with console.status(f"loading {name}"):
+        loaded = load_model(name, dtype=dtype, device=device)
+    with console.status("held-out agreement and cost per level"):
+        records = {"evaluation": evaluate_draft(draft, loaded, work or cache_dir() / "draft-eval", held_out_tokens)}
+    if acceptance:
+        with progress_bar("measuring acceptance") as bar:
+            records["acceptance"] = measure_acceptance(
+                draft, loaded, width, temperature, limit, max_new_tokens, max_size,
+                progress=lambda done, total: bar(done, total, "prompts"),
+            )
+    _show_card({**card, **records})
+    if update:
+        update_card(draft, records)
+        console.print(f"updated {draft_dir(draft) / CARD}")
+
+
+def _show_card(card: dict) -> None:
+    """Agreement per level, cost per level and acceptance of a draft card."""
+    ev = card.get("evaluation", {})
+    table = Table(title=f"{card['kind']} draft for {card['target']}: held-out agreement ({ev.get('positions', 0)} roots)", title_justify="left")
+    for col in ("level", "positions", "top-1", "top-4", "in vocab"):
+        table.add_column(col, justify="right")
+    for a in ev.get("levels", []):
+        table.add_row(str(a["level"]), str(a["positions"]), f"{a['top1']:.1%}", f"{a['top4']:.1%}", f"{a['coverage']:.1%}")
+    console.print(table)
+    costs = ev.get("cost_ms_per_level", {})
+    if costs:
+        shown = [w for w in ("1", "2", "4", "8", "16") if w in costs]
+        console.print("cost per tree level (ms, bfloat16): " + ", ".join(f"{w} nodes {costs[w]:.2f}" for w in shown))
+    acc = card.get("acceptance")
+    if acc:
+        vector = ", ".join(f"{p:.3f}" for p in acc["vector"])
+        tree = acc["optimal_tree"]
+        console.print(f"acceptance ({acc['mode']}, T={acc['temperature']}, {acc['samples']} positions): [{vector}]")
+        console.print(f"optimal tree (<= {tree['max_size']} nodes, depth <= {tree['max_depth']}): "
+                      f"{tree['expected_tokens_per_step']:.2f} tokens/step predicted")

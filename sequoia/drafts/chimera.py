@@ -38,7 +38,7 @@ FUSE_INIT_SCALE = 0.1  # the fused input starts small next to the target state i
 @dataclass(frozen=True)
 class ChimeraConfig(DraftConfig):
     attention_heads: int = 0  # 0: hidden_size // 64 (at least 1)
-    mlp_size: int = 0  # 0: 2 * hidden_size
+    mlp_size: int = 0  # 0: hidden_size (a level must stay cheap: every row costs ~13 hidden^2)
 
     @property
     def num_attention_heads(self) -> int:
@@ -119,7 +119,7 @@ class ChimeraDraft(TrainedDraft):
         self.fuse = nn.Linear(2 * d, d, bias=False)
         with torch.no_grad():
             self.fuse.weight.mul_(FUSE_INIT_SCALE)
-        self.encoder = EncoderLayer(d, config.num_attention_heads, config.mlp_size or 2 * d)
+        self.encoder = EncoderLayer(d, config.num_attention_heads, config.mlp_size or d)
         self.heads = nn.ModuleList(ResidualHead(d) for _ in range(config.heads))
 
     def encoder_input(

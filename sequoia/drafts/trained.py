@@ -209,7 +209,12 @@ def save_draft(
     """Write ``model`` as a ``sequoia-draft/1`` directory (weights first, then the card)."""
     out = Path(out)
     weights = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    write_atomic(out / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        save_file(weights, str(tmp))
+        tmp.chmod(0o644)  # safetensors creates it private; a draft is shipped and shared
+
+    write_atomic(out / WEIGHTS, write)
     write_json_atomic(out / CARD, {**draft_card(model, target), **(records or {})})
 
 

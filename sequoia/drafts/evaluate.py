@@ -1,0 +1,152 @@
+"""How good and how cheap a trained draft is: held-out agreement per tree level, cost per level.
+
+*Agreement* at level ``k`` is measured along the target's greedy continuation of held-out
+prompts: at each root, with the path to depth ``k - 1`` following the target's own tokens,
+does the draft's top-1 (top-4) at depth ``k`` contain the target's greedy token? That is the
+greedy acceptance of the first (first four) candidates of a node, given that verification
+got that deep -- the quantity the tree solver consumes. ``coverage`` is the share of those
+target tokens inside the draft's reduced vocabulary: no candidate list can do better.
+
+*Cost* of a level of ``w`` nodes is measured on the real proposer: the time of a proposal
+for a root with ``w`` children that each get one child, minus that for a root with ``w``
+children -- i.e. one batched head forward over ``w`` nodes plus choosing their candidates.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from sequoia.drafts.base import DraftContext
+from sequoia.drafts.features import FeatureCache, FeatureSet
+from sequoia.drafts.trained import TrainedDraft, load_draft, load_trained_proposer
+from sequoia.models import LoadedModel
+from sequoia.sampling import SamplingConfig
+from sequoia.tree import Tree
+
+TOP = (1, 4)
+
+
+@dataclass(frozen=True)
+class LevelAgreement:
+    """Agreement of one tree level with the target's greedy tokens."""
+
+    level: int  # 1-based tree depth of the candidates
+    positions: int
+    top1: float
+    top4: float
+    coverage: float  # share of the target's tokens inside the reduced vocabulary
+
+
+@torch.no_grad()
+def agreement(model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096) -> list[LevelAgreement]:
+    """Held-out greedy agreement of every level of ``model`` (see the module docstring)."""
+    levels = model.config.heads
+    hits = torch.zeros(levels, len(TOP) + 1, dtype=torch.long)  # top-1, top-4, covered
+    counts = torch.zeros(levels, dtype=torch.long)
+    device = model.out.weight.device
+    ids, index = model.vocab.ids.to(device), model.vocab.index.to(device)
+    for batch in features.batches(max_tokens):
+        batch = batch.to(device)
+        for level, logits in enumerate(model.unroll(batch.tokens, batch.hidden)):
+            mask = batch.mask(level, generated_only=True)
+            target = batch.top1[mask]  # [m]
+            best = ids[logits[mask].topk(max(TOP), dim=-1).indices]  # [m, 4] full ids
+            for j, k in enumerate(TOP):
+                hits[level, j] += int((best[:, :k] == target[:, None]).any(-1).sum())
+            hits[level, -1] += int((index[target] >= 0).sum())
+            counts[level] += len(target)
+    rates = hits.double() / counts.clamp(min=1)[:, None]
+    return [LevelAgreement(k + 1, int(counts[k]), *(float(x) for x in rates[k])) for k in range(levels)]
+
+
+@torch.inference_mode()
+def level_costs(
+    model: TrainedDraft, widths: Sequence[int] = tuple(range(1, 17)), prefix: int = 256, repeats: int = 20, seed: int = 0
+) -> dict[int, float]:
+    """Milliseconds per tree level of ``w`` nodes, for each ``w`` in ``widths`` (greedy; the
+    minimum over ``repeats`` interleaved timings, which a busy machine inflates least)."""
+    proposer = model.proposer()
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (prefix,), generator=gen)
+    hidden = torch.randn(prefix - 1, model.config.hidden_size, generator=gen).to(model.out.weight)
+    ctx = DraftContext(tokens, SamplingConfig(), gen, hidden_states=hidden)
+    proposer.warmup()
+    sync = torch.cuda.synchronize if model.out.weight.device.type == "cuda" else (lambda: None)
+    costs = {}
+    for w in widths:
+        deeper, flat = Tree.from_children_counts([w] + [1] * w), Tree.from_children_counts([w])
+        best = {deeper: float("inf"), flat: float("inf")}
+        for _ in range(repeats + 1):
+            for tree in (deeper, flat):
+                sync()
+                start = time.perf_counter()
+                proposer.propose(ctx, tree)
+                sync()
+                best[tree] = min(best[tree], time.perf_counter() - start)
+        costs[w] = max(best[deeper] - best[flat], 0.0) * 1e3
+    return costs
+
+
+def evaluation_record(
+    levels: Sequence[LevelAgreement], costs: dict[int, float], held_out_tokens: int, device: torch.device | str
+) -> dict[str, Any]:
+    """The card's ``evaluation`` entry."""
+    return {
+        "held_out": f"built-in prompts, target greedy continuations of {held_out_tokens} tokens",
+        "positions": levels[0].positions if levels else 0,
+        "levels": [asdict(a) for a in levels],
+        "cost_ms_per_level": {str(w): round(ms, 3) for w, ms in costs.items()},
+        "cost_dtype": "bfloat16",
+        "cost_device": str(device),
+    }
+
+
+def evaluate_draft(spec: str | os.PathLike, loaded: LoadedModel, work: str | os.PathLike, held_out_tokens: int = 128) -> dict[str, Any]:
+    """Held-out agreement per level and bfloat16 cost per level of the draft ``spec`` for the
+    target ``loaded`` (held-out features cached in ``work``): the card's ``evaluation``."""
+    model = load_draft(spec, loaded.model).to(loaded.device)
+    levels = agreement(model, FeatureCache(work, loaded).held_out(max_new_tokens=held_out_tokens))
+    costs = level_costs(load_trained_proposer(spec, loaded.model).model)
+    return evaluation_record(levels, costs, held_out_tokens, loaded.device)
+
+
+def measure_acceptance(
+    spec: str | os.PathLike,
+    loaded: LoadedModel,
+    width: int = 8,
+    temperature: float = 1.0,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    max_size: int = 64,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The draft's positional acceptance vector on the built-in prompts (stochastic at
+    ``temperature``, greedy at 0) and the tokens per step the optimal tree of at most
+    ``max_size`` nodes and the draft's depth predicts: the card's ``acceptance`` entry."""
+    from sequoia.acceptance import AcceptanceResult, measure_counts
+    from sequoia.engine import eos_token_ids
+    from sequoia.prompts import load_prompts, render_prompt
+    from sequoia.solver import solve
+
+    proposer = load_trained_proposer(spec, loaded.model)
+    prompts = load_prompts("builtin", limit)
+    ids = [torch.tensor(render_prompt(loaded.tokenizer, p.text, True)) for p in prompts]
+    counts, samples = measure_counts(
+        loaded.model, proposer, ids, width, SamplingConfig(temperature), max_new_tokens,
+        eos_token_ids(loaded.model, loaded.tokenizer), seed, progress,
+    )
+    mode = "greedy" if temperature == 0 else "stochastic"
+    result = AcceptanceResult.from_counts(
+        counts, samples, target=loaded.name, draft=str(spec), mode=mode, temperature=temperature, top_p=1.0,
+        prompts=f"builtin ({len(prompts)} prompts, {max_new_tokens} tokens each)",
+    )
+    depth = proposer.max_depth
+    predicted = float(solve(result.vector, max_size, depth).values[max_size, depth])
+    return {**result.to_json(), "optimal_tree": {"max_size": max_size, "max_depth": depth, "expected_tokens_per_step": round(predicted, 4)}}

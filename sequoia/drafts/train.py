@@ -1,0 +1,274 @@
+"""Training a draft on the target's own features: losses, stages, checkpoints, time budget.
+
+Every step draws random sequences from the cached features (:mod:`sequoia.drafts.features`),
+unrolls all the draft's levels teacher-forced (:meth:`TrainedDraft.unroll`) and sums one loss
+per level over the reduced vocabulary:
+
+* ``input`` stage (the IBM paper's first stage, MLP speculator only): cross-entropy with the
+  next token of the text the target reads, prompts included;
+* ``output`` stage: distillation, ``-sum_t p(t) log q(t)`` with ``p`` the target's full
+  distribution (from its stored hidden state and log-sum-exp) restricted to the reduced
+  vocabulary, at the positions decoding meets (roots from the last prompt token on).
+
+A run is bounded by ``steps`` or ``minutes`` (of training, summed over resumed runs), whichever
+comes first; the learning rate warms up, then follows a cosine over that budget. Batches are
+drawn from a generator seeded by ``(seed, step)``, so a resumed run continues the same stream.
+The checkpoint (model, optimiser, step, elapsed time) is written atomically to the work
+directory every ``checkpoint_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sequoia.drafts.data import DataStore
+from sequoia.drafts.evaluate import LevelAgreement, agreement, evaluation_record, level_costs
+from sequoia.drafts.features import FeatureBatch, FeatureCache, FeatureSet
+from sequoia.drafts.trained import (
+    ReducedVocab, TrainedDraft, draft_kinds, load_trained_proposer, read_card, save_draft, update_card,
+)
+from sequoia.errors import ConfigError, FileFormatError
+from sequoia.models import LoadedModel
+from sequoia.tree import write_atomic
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "sequoia-draft-checkpoint/1"
+WARMUP_STEPS = 50
+FINAL_LR_SHARE = 0.1
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a training run does; the fields above ``steps`` fix the run (a resume must match)."""
+
+    kind: str = "mlp"
+    heads: int = 4  # tree levels = maximum tree depth
+    vocab: int = 8192  # reduced output vocabulary
+    batch_tokens: int = 2048  # padded tokens per step
+    lr: float = 1e-3
+    input_stage: float = 0.3  # mlp: share of the budget on the target's input behaviour
+    attention_heads: int = 0  # chimera: 0 = hidden // 64
+    precision: str = "bfloat16"  # autocast dtype of the forward: bfloat16 | float32
+    seed: int = 0
+    steps: int | None = None
+    minutes: float | None = 60.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        kinds = ("mlp", "chimera")
+        if self.kind not in kinds:
+            raise ConfigError(f"unknown draft kind {self.kind!r}; choose one of {', '.join(kinds)}")
+        if self.steps is None and self.minutes is None:
+            raise ConfigError("give a budget: --steps, --minutes or both")
+        if min(self.heads, self.vocab, self.batch_tokens, self.eval_every, self.checkpoint_every) < 1:
+            raise ConfigError("--heads, --vocab, --batch-tokens and the intervals must be at least 1")
+        if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
+            raise ConfigError("--steps and --minutes must be positive")
+        if self.precision not in ("bfloat16", "float32"):
+            raise ConfigError(f"--precision must be bfloat16 or float32, got {self.precision!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint."""
+        names = [f.name for f in fields(self)]
+        return {k: v for k, v in asdict(self).items() if names.index(k) < names.index("steps")}
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    steps: int
+    seconds: float  # training time, summed over resumed runs
+    loss: float  # smoothed loss at the end
+    agreement: list[LevelAgreement]  # held-out, per level
+
+
+def build_draft(settings: TrainSettings, target, vocab: ReducedVocab) -> TrainedDraft:
+    """A fresh draft for ``target`` (a ``PreTrainedModel``): output layer from the target's rows."""
+    embedding = target.get_input_embeddings().weight
+    cls = draft_kinds()[settings.kind]
+    extra = {"attention_heads": settings.attention_heads} if settings.kind == "chimera" else {}
+    torch.manual_seed(settings.seed)
+    model = cls(cls.config_class(int(embedding.shape[1]), int(embedding.shape[0]), settings.heads, **extra), vocab)
+    model.attach_target(embedding)
+    model.init_output_from(target.get_output_embeddings().weight)
+    return model
+
+
+def draft_loss(
+    model: TrainedDraft, batch: FeatureBatch, teacher: torch.Tensor, stage: str
+) -> torch.Tensor:  # [] mean over levels of the per-level mean loss
+    """The loss of one batch (see the module docstring); ``teacher``: [r, hidden] the target's
+    output rows for the reduced vocabulary."""
+    assert teacher.ndim == 2 and stage in ("input", "output")
+    logits = model.unroll(batch.tokens, batch.hidden)
+    if stage == "output":
+        target_logp = (batch.hidden.to(teacher) @ teacher.T).float() - batch.lse[..., None]  # [B, T, r]
+        target = target_logp.exp()
+    else:
+        following = torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], dim=1).clamp(min=0)
+        target = model.vocab.index.to(following.device)[following]  # [B, T] row or -1
+    losses = []
+    for level, level_logits in enumerate(logits):
+        mask = batch.mask(level, generated_only=stage == "output")
+        logq = F.log_softmax(level_logits[mask].float(), dim=-1)
+        if stage == "output":
+            losses.append(-(target[mask] * logq).sum(-1).mean())
+        else:
+            losses.append(F.nll_loss(logq, target[mask], ignore_index=-1))
+    return torch.stack(losses).mean()
+
+
+def train_draft(
+    settings: TrainSettings,
+    train: FeatureSet,
+    held_out: FeatureSet,
+    target,
+    work: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    eos_token_ids: Sequence[int] = (),
+    progress: Progress | None = None,
+) -> tuple[TrainedDraft, TrainReport]:
+    """Train (or resume training) a draft for ``target``; returns it in eval mode."""
+    path = Path(work) / CHECKPOINT
+    saved = _load_checkpoint(path, settings) if path.is_file() else None
+    full = int(target.get_input_embeddings().weight.shape[0])
+    if saved is None:
+        vocab = ReducedVocab.most_frequent(train.generated_tokens(), settings.vocab, full, tuple(eos_token_ids))
+    else:
+        vocab = ReducedVocab(torch.tensor(saved["vocab_ids"], dtype=torch.long), full)
+    model = build_draft(settings, target, vocab).to(device)
+    model.attach_target(target.get_input_embeddings().weight.to(device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, seconds, loss_avg = 0, 0.0, math.nan
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, seconds, loss_avg = int(saved["step"]), float(saved["seconds"]), float(saved["loss"])
+    teacher = target.get_output_embeddings().weight.detach()[vocab.ids].to(device, torch.float32)
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.precision == "bfloat16")
+    scores: list[LevelAgreement] = []
+    while (done := _budget_used(settings, step, seconds)) < 1.0:
+        began = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(settings, step, done)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        batch = train.random_batch(generator, settings.batch_tokens).to(device)
+        stage = "input" if settings.kind == "mlp" and done < settings.input_stage else "output"
+        model.train()
+        with autocast:
+            loss = draft_loss(model, batch, teacher, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step, seconds = step + 1, seconds + time.monotonic() - began
+        loss_value = float(loss.detach())
+        loss_avg = loss_value if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss_value
+        finished = _budget_used(settings, step, seconds) >= 1.0
+        if step % settings.eval_every == 0 or finished:
+            scores = _evaluate(model, held_out, autocast)
+        if step % settings.checkpoint_every == 0 or finished:
+            _save_checkpoint(path, settings, model, optimizer, step, seconds, loss_avg)
+        if progress is not None:
+            agree = "/".join(f"{a.top1:.0%}" for a in scores) or "-"
+            progress(min(int(1000 * _budget_used(settings, step, seconds)), 1000), 1000,
+                     f"{stage} step {step} loss {loss_avg:.3f} held-out top-1 {agree}")
+    scores = scores or _evaluate(model, held_out, autocast)
+    return model.eval(), TrainReport(step, seconds, loss_avg, scores)
+
+
+def _evaluate(model: TrainedDraft, held_out: FeatureSet, autocast) -> list[LevelAgreement]:
+    model.eval()
+    with autocast:
+        return agreement(model, held_out)
+
+
+def _budget_used(settings: TrainSettings, step: int, seconds: float) -> float:
+    shares = []
+    if settings.steps is not None:
+        shares.append(step / settings.steps)
+    if settings.minutes is not None:
+        shares.append(seconds / (60 * settings.minutes))
+    return max(shares)
+
+
+def _learning_rate(settings: TrainSettings, step: int, done: float) -> float:
+    warm = min(1.0, (step + 1) / WARMUP_STEPS)
+    cosine = FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    return settings.lr * warm * cosine
+
+
+def _save_checkpoint(path: Path, settings, model, optimizer, step: int, seconds: float, loss: float) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT, "settings": settings.identity(), "vocab_ids": model.vocab.ids.tolist(),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds, "loss": loss,
+    }
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(path: Path, settings: TrainSettings) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise FileFormatError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it or pass --fresh") from None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise FileFormatError(f"{path} is not a {CHECKPOINT_FORMAT} file; delete it or pass --fresh")
+    if saved.get("settings") != settings.identity():
+        diff = sorted(k for k, v in settings.identity().items() if saved["settings"].get(k) != v)
+        raise ConfigError(
+            f"{path} was trained with other settings ({', '.join(diff)}); pass the same settings, "
+            "--fresh to start over, or another --work directory"
+        )
+    return saved
+
+
+def discard_checkpoint(work: str | os.PathLike) -> None:
+    """Start the next run from scratch (the cached features stay)."""
+    (Path(work) / CHECKPOINT).unlink(missing_ok=True)
+
+
+def open_training_data(path: str | os.PathLike) -> DataStore:
+    """Open a data store to train on; an empty one is a :class:`ConfigError` (checked before
+    any model is loaded)."""
+    store = DataStore.open(path)
+    if not store.manifest.shards:
+        raise ConfigError(f"the data store {path} is empty; run `sequoia draft data --out {path}` first")
+    return store
+
+
+def train_from_store(
+    loaded: LoadedModel,
+    data: DataStore,
+    out: str | os.PathLike,
+    work: str | os.PathLike,
+    settings: TrainSettings,
+    eos_token_ids: Sequence[int] = (),
+    held_out_tokens: int = 128,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The whole recipe: target features of ``data`` and of the held-out prompts (cached in
+    ``work``), training, then the draft saved to ``out`` with a card recording the data,
+    the held-out agreement per level and the bfloat16 cost per level. Returns the card."""
+    cache = FeatureCache(work, loaded)
+    train = cache.train(data, progress)
+    held_out = cache.held_out(max_new_tokens=held_out_tokens)
+    device = loaded.device
+    model, report = train_draft(settings, train, held_out, loaded.model, work, device, eos_token_ids, progress)
+    save_draft(model, out, loaded.name, {"training": {
+        "data": str(data.root.resolve()), "data_positions": train.generated_positions,
+        "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
+        "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
+    }})
+    costs = level_costs(load_trained_proposer(out, loaded.model).model)
+    update_card(out, {"evaluation": evaluation_record(report.agreement, costs, held_out_tokens, device)})
+    return read_card(Path(out))

@@ -1,0 +1,197 @@
+"""Training trained drafts: reduced vocabulary, features, loss, learning a learnable target,
+checkpoint resume, the draft directory format, and bad input -> one-line typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from trained_draft_helpers import bigram_target, check_greedy_lossless, random_draft, sampled_sequences
+
+from sequoia.drafts import make_proposer
+from sequoia.drafts.data import DataStore, Manifest
+from sequoia.drafts.evaluate import agreement, level_costs
+from sequoia.drafts.features import FeatureCache, FeatureSet, extract_features
+from sequoia.drafts.heads import HeadsProposer
+from sequoia.drafts.train import TrainSettings, draft_loss, open_training_data, train_draft
+from sequoia.drafts.trained import CARD, WEIGHTS, ReducedVocab, load_draft, save_draft
+from sequoia.errors import ConfigError, FileFormatError, ModelError
+from sequoia.models import LoadedModel, tiny_llama
+
+FAST = dict(heads=3, vocab=48, batch_tokens=512, lr=3e-3, precision="float32", minutes=None)
+
+
+def loaded(model, name: str = "tiny") -> LoadedModel:
+    return LoadedModel(model, None, name, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def bigram():
+    return bigram_target()
+
+
+@pytest.fixture(scope="module")
+def features(bigram) -> tuple[FeatureSet, FeatureSet]:
+    """Sampled training continuations and greedy held-out ones from other prompts."""
+    train = extract_features(loaded(bigram), sampled_sequences(bigram, 64, 40, seed=0))
+    held_out = extract_features(loaded(bigram), sampled_sequences(bigram, 16, 40, seed=1, greedy=True))
+    return train, held_out
+
+
+def test_reduced_vocabulary():
+    vocab = ReducedVocab.most_frequent(np.array([5, 5, 2, 7, 7, 7]), 3, 10, always=(9,))
+    assert vocab.ids.tolist() == [9, 7, 5] and vocab.index[7] == 1 and vocab.index[2] == -1
+    full = vocab.to_full_probs(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert full.shape == (1, 10) and full[0, 9] == 0.5 and full[0, 5] == 0.25 and full.sum() == 1
+    with pytest.raises(FileFormatError, match="distinct"):
+        ReducedVocab(torch.tensor([1, 1]), 10)
+
+
+def test_features_are_the_targets_own(tiny_target):
+    seqs = [(np.array([3, 9, 27, 1, 5]), 2), (np.array([8, 8, 2]), 1)]
+    feats = extract_features(loaded(tiny_target), seqs, max_tokens=4)  # one sequence per batch
+    with torch.no_grad():
+        out = tiny_target(torch.tensor([[3, 9, 27, 1, 5]]), output_hidden_states=True)
+    assert feats.num_sequences == 2 and feats.generated_positions == 3 + 2
+    assert torch.allclose(feats.hidden[:5].float(), out.hidden_states[-1][0], atol=2e-2)  # stored in bf16
+    assert torch.allclose(feats.lse[:5], out.logits[0].logsumexp(-1), atol=1e-4)
+    assert feats.top1[:5].tolist() == out.logits[0].argmax(-1).tolist()
+    batch = feats.batch([0, 1])
+    assert batch.tokens[1].tolist() == [8, 8, 2, -1, -1]
+    # level 2 (0-based 1): roots from the last prompt token (i - 1 >= prompt_len - 1), label exists
+    assert batch.mask(1, generated_only=True).int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "chimera"])
+def test_training_lowers_the_loss(kind, bigram, features):
+    train, _ = features
+    model = random_draft(kind, bigram, reduced=48)
+    model.init_output_from(bigram.lm_head.weight)
+    teacher = bigram.lm_head.weight.detach()[model.vocab.ids]
+    batch = train.random_batch(torch.Generator().manual_seed(0), 512)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(15):
+        loss = draft_loss(model, batch, teacher, "output")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+    assert float(draft_loss(model, batch, teacher, "input").detach()) > 0
+
+
+@pytest.mark.parametrize("kind, steps", [("mlp", 300), ("chimera", 250)])
+def test_a_learnable_target_is_learned(kind, steps, bigram, features, tmp_path):
+    train, held_out = features
+    settings = TrainSettings(kind=kind, steps=steps, **FAST)
+    model, report = train_draft(settings, train, held_out, bigram, tmp_path)
+    assert report.steps == steps and (tmp_path / "checkpoint.pt").is_file()
+    assert [a.level for a in report.agreement] == [1, 2, 3]
+    assert report.agreement[0].top1 > 0.85 and all(a.top4 > 0.9 for a in report.agreement), report.agreement
+    assert agreement(model, held_out) == report.agreement  # the report is the model's
+    check_greedy_lossless(model, bigram, [1, 5, 9])
+
+
+def test_resume_continues_the_same_run(bigram, features, tmp_path):
+    train, held_out = features
+    settings = TrainSettings(kind="mlp", steps=20, checkpoint_every=10, **FAST)
+    straight, _ = train_draft(settings, train, held_out, bigram, tmp_path / "a")
+
+    def crash(done, total, label):
+        if "step 15 " in label:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(settings, train, held_out, bigram, tmp_path / "b", progress=crash)
+    resumed, report = train_draft(settings, train, held_out, bigram, tmp_path / "b")  # from step 10
+    assert report.steps == 20
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="heads"):
+        train_draft(TrainSettings(kind="mlp", steps=20, **{**FAST, "heads": 2}), train, held_out, bigram, tmp_path / "b")
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(FileFormatError, match="corrupt"):
+        train_draft(settings, train, held_out, bigram, tmp_path / "b")
+
+
+def test_saved_draft_loads_and_decodes(tiny_target, tmp_path):
+    model = random_draft("chimera", tiny_target)
+    save_draft(model, tmp_path / "d", "tiny", {"training": {"steps": 1}})
+    back = load_draft(tmp_path / "d", tiny_target)
+    assert back.kind == "chimera" and back.config == model.config and torch.equal(back.vocab.ids, model.vocab.ids)
+    for a, b in zip(model.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b)  # shipped in bfloat16
+    proposer = make_proposer(str(tmp_path / "d"), loaded(tiny_target))
+    assert isinstance(proposer, HeadsProposer) and proposer.model.out.weight.dtype == torch.bfloat16
+    check_greedy_lossless(proposer.model, tiny_target, [1, 5, 9, 3, 7])
+    costs = level_costs(back, widths=(1, 4), prefix=16, repeats=2)
+    assert set(costs) == {1, 4} and all(ms >= 0 for ms in costs.values())
+
+
+@pytest.mark.parametrize(
+    "other, words", [(dict(vocab_size=80), "80 tokens"), (dict(hidden_size=48), "width 48")], ids=["vocab", "width"]
+)
+def test_a_draft_for_another_target_is_refused(tiny_target, tmp_path, other, words):
+    save_draft(random_draft("mlp", tiny_target), tmp_path / "d", "tiny")
+    with pytest.raises(ModelError, match=words) as info:
+        make_proposer(str(tmp_path / "d"), loaded(tiny_llama(**other)))
+    assert "\n" not in str(info.value) and "sequoia draft train" in str(info.value)
+
+
+def test_corrupt_or_missing_drafts(tiny_target, tmp_path):
+    with pytest.raises(FileFormatError, match="no trained draft"):
+        load_draft(tmp_path / "missing")
+    save_draft(random_draft("mlp", tiny_target), tmp_path / "d", "tiny")
+    (tmp_path / "d" / WEIGHTS).write_bytes(b"\x00" * 64)
+    with pytest.raises(FileFormatError, match="corrupt"):
+        load_draft(tmp_path / "d", tiny_target)
+    (tmp_path / "d" / CARD).write_text("{not json")
+    with pytest.raises(FileFormatError, match="not valid JSON"):
+        load_draft(tmp_path / "d")
+    (tmp_path / "d" / CARD).write_text('{"format": "sequoia-draft/1", "kind": "lstm"}')
+    with pytest.raises(FileFormatError, match="unknown draft kind"):
+        load_draft(tmp_path / "d")
+
+
+def test_empty_store_and_store_of_another_target(tiny_target, tmp_path):
+    settings = Manifest(target="tiny", dtype="float32", temperature=1.0, top_p=1.0, max_new_tokens=8)
+    DataStore.open_or_create(tmp_path / "s", settings)
+    with pytest.raises(ConfigError, match="empty"):
+        open_training_data(tmp_path / "s")
+    with pytest.raises(FileFormatError, match="sequoia draft data"):
+        open_training_data(tmp_path / "nothing")
+    store = DataStore.open(tmp_path / "s")
+    store.append([np.arange(1, 9)], [3], seconds=1.0, prompts=1)
+    cache = FeatureCache(tmp_path / "work", loaded(tiny_target))
+    assert cache.train(store).generated_positions == 5
+    assert cache.train(store).generated_positions == 5  # read back from the cache
+    with pytest.raises(ConfigError, match="sampled from tiny"):
+        FeatureCache(tmp_path / "work2", loaded(tiny_target, "other")).train(store)
+    with pytest.raises(ConfigError, match="another target"):
+        FeatureCache(tmp_path / "work", loaded(tiny_llama(hidden_size=48), "tiny"))
+    with pytest.raises(ConfigError, match="budget"):
+        TrainSettings(minutes=None)
+
+
+@pytest.mark.parametrize("case", ["missing draft", "corrupt draft", "empty store", "unknown kind"])
+def test_cli_bad_input_is_one_line(case, tiny_target, tmp_path):
+    from typer.testing import CliRunner
+
+    from sequoia_cli.main import app
+
+    save_draft(random_draft("mlp", tiny_target), tmp_path / "d", "tiny")
+    (tmp_path / "d" / WEIGHTS).write_bytes(b"junk")
+    settings = Manifest(target="tiny", dtype="float32", temperature=1.0, top_p=1.0, max_new_tokens=8)
+    DataStore.open_or_create(tmp_path / "s", settings)
+    args, words = {
+        "missing draft": (["eval", str(tmp_path / "nothing")], "not a trained draft"),
+        "corrupt draft": (["eval", str(tmp_path / "d")], "corrupt"),
+        "empty store": (["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o")], "empty"),
+        "unknown kind": (["train", "--kind", "rnn", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o")], "rnn"),
+    }[case]
+    result = CliRunner().invoke(app, ["draft", *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
+    assert not (tmp_path / "o").exists()

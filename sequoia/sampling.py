@@ -74,14 +74,26 @@ def _top_p_keep(
     """Keep a token iff the probability of the tokens ranked above it is below ``top_p``.
 
     This is ``TopPLogitsWarper`` (drop a token iff the ascending cumulative probability up to
-    it is ``<= 1 - top_p``) read from the top. Only the top :data:`TOP_P_CANDIDATES` tokens are
-    sorted when they already hold ``top_p`` of the mass: every token below them is dropped.
+    it is ``<= 1 - top_p``) read from the top. Rows whose top :data:`TOP_P_CANDIDATES` tokens
+    already hold ``top_p`` of the mass need no full sort: every token below them is dropped.
     """
     k = min(TOP_P_CANDIDATES, probs.shape[-1])
     values, index = probs.topk(k, dim=-1)  # [..., k] descending
-    if bool((values.sum(-1) < top_p).any()):
-        values, index = probs.sort(dim=-1, descending=True)
-    above = values.cumsum(-1) - values  # [..., k] mass ranked strictly above each token
+    keep = _keep_ranked(probs, values, index, top_p)
+    flat = values.sum(-1) < top_p  # [...] rows the top k do not settle
+    if bool(flat.any()):
+        rows = probs[flat]  # [r, vocab]
+        keep[flat] = _keep_ranked(rows, *rows.sort(dim=-1, descending=True), top_p)
+    return keep
+
+
+def _keep_ranked(
+    probs: torch.Tensor,  # [..., vocab]
+    values: torch.Tensor,  # [..., k] the k largest probabilities, descending
+    index: torch.Tensor,  # [..., k] their token ids
+    top_p: float,
+) -> torch.Tensor:  # [..., vocab] bool
+    above = values.cumsum(-1) - values  # mass ranked strictly above each token
     return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, above < top_p)
 
 

@@ -144,3 +144,10 @@ def test_node_probs_computes_rows_on_demand():
     rows = NodeProbs(logits, config)
     torch.testing.assert_close(rows[3], logits_to_probs(logits[3], config))
     assert list(rows._rows) == [3] and len(rows) == 5
+
+
+def test_top_p_rows_mixing_fast_and_full_sort_paths():
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(4))
+    logits[::2] *= 8.0  # peaked rows: the top 256 hold the nucleus; flat rows need the sort
+    config = SamplingConfig(1.0, top_p=0.9)
+    assert torch.equal(torch.isinf(process_logits(logits, config)), torch.isinf(_hf(logits, config)))

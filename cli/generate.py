@@ -47,6 +47,7 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: all)."),
 ) -> None:
     """Generate text with the target, speculating with a draft on a token tree (lossless)."""
     sampling = _sampling(mode, temperature, top_p, top_k)
@@ -55,7 +56,7 @@ def generate(
     if verifier not in VERIFIERS:
         raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
     with console.status(f"loading {target}" + ("" if draft in ("none", "ngram") else f" and {draft}")):
-        loaded = load_model(target, dtype=dtype, device=device)
+        loaded = load_model(target, dtype=dtype, device=device, threads=threads)
         proposer = make_proposer(draft, loaded, dtype=dtype, device=device)
         proposer.warmup()
     ids = torch.tensor(render_prompt(loaded.tokenizer, text, chat), dtype=torch.long)

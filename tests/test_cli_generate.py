@@ -109,6 +109,7 @@ def test_stochastic_is_reproducible_with_a_seed(dirs):
         (["--top-p", "0"], "top-p"),
         (["--top-p", "1.5"], "top-p"),
         (["--mode", "beam"], "--mode"),
+        (["--threads", "0"], "thread"),
         (["--budget", "8"], "--acceptance"),
         (["--draft", "none", "--tree", "@bad-tree"], "--draft none"),
     ],

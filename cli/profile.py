@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from sequoia import profiler
 from sequoia.errors import ConfigError
+from sequoia.drafts import load_draft_model
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.profiler import Profile
-from sequoia_cli.common import console, err_console, handles_errors
+from sequoia_cli.common import console, err_console, handles_errors, progress_bar
 
 app = typer.Typer(help="Measure and inspect device latency profiles.", no_args_is_help=True)
 
@@ -48,7 +46,9 @@ def run(
     warmup: int = WARMUP,
     threads: int = THREADS,
     offload: bool = typer.Option(False, "--offload", help="Offload what exceeds GPU memory to CPU (accelerate)."),
-    draft: str = typer.Option(None, "--draft", help="Also profile this draft model per tree level."),
+    draft: str = typer.Option(
+        None, "--draft", help="Also profile this draft per tree level: early-exit:N or a draft model."
+    ),
     widths: str = typer.Option(_csv(profiler.DEFAULT_WIDTHS), "--widths", help="Draft level widths."),
     notes: str = typer.Option("", "--notes", help="Free text stored in the file (e.g. machine load)."),
 ) -> None:
@@ -60,18 +60,18 @@ def run(
     context = profiler.model_context(loaded.model)
     counts = _ints(tokens, "--tokens") if tokens else profiler.fit_tokens(profiler.DEFAULT_TOKENS, prefixes, context)
     profiler.check_plan(prefixes, counts, context)
-    draft_model = load_model(draft, dtype=dtype, device=device, tokenizer=False) if draft else None
+    draft_model = load_draft_model(draft, loaded, dtype=dtype, device=device) if draft else None
     level_widths = _ints(widths, "--widths")
-    if draft_model:
-        profiler.check_plan(prefixes, level_widths, profiler.model_context(draft_model.model))
+    if draft_model is not None:
+        profiler.check_plan(prefixes, level_widths, profiler.model_context(draft_model))
     load_before = profiler.load_average()
     _warn_if_busy(load_before)
-    with _progress() as report:
+    with progress_bar() as report:
         target = profiler.measure_grid(loaded.model, loaded.name, prefixes, counts, repeats, warmup, progress=report)
         draft_grid = None
-        if draft_model:
+        if draft_model is not None:
             draft_grid = profiler.measure_grid(
-                draft_model.model, draft_model.name, prefixes, level_widths, repeats, warmup, progress=report
+                draft_model, draft, prefixes, level_widths, repeats, warmup, progress=report
             )
     loads = (load_before, profiler.load_average())
     result = profiler.build_profile(target, loaded.model, repeats, warmup, loads, draft_grid, notes)
@@ -129,7 +129,7 @@ def check_mask(
 ) -> None:
     """Time the tree-mask forward against a plain causal forward (interleaved)."""
     loaded = load_model(model, dtype=dtype, device=device, threads=threads, tokenizer=False)
-    with _progress() as report:
+    with progress_bar() as report:
         check = profiler.compare_masks(
             loaded.model, prefix, _ints(tokens, "--tokens"), repeats, warmup, progress=report
         )
@@ -210,14 +210,6 @@ def _describe(result: Profile) -> str:
         f"{result.model} | {d.get('name')} | {d.get('dtype')} | {d.get('threads')} threads | "
         f"torch {d.get('torch')} | {m.get('repeats')} repeats | {m.get('date')}"
     )
-
-
-@contextmanager
-def _progress() -> Iterator[profiler.Progress]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
-        yield lambda done, total, label: bar.update(task, completed=done, total=total, description=label)
 
 
 def _ints(text: str, option: str) -> list[int]:

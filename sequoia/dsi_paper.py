@@ -298,7 +298,6 @@ def _span(values: Sequence[float]) -> str:
 def paper_markdown(rows: Sequence[PaperComparison], samples: int, seed: int) -> str:
     """The results/dsi_paper_table.md page: inputs and their source, definitions, table, why."""
     ours, paper = rows[0].ours.protocol, rows[0].paper.protocol
-    sp = ours.sp_degrees[0]
     span_ours = _span([r.ours.speedup for r in rows])
     span_paper = _span([r.paper.speedup for r in rows])
     span_pool = _span([r.threadpool.speedup for r in rows])

@@ -17,6 +17,7 @@ __all__ = [
     "NgramProposer",
     "NoDraft",
     "Proposer",
+    "load_draft_model",
     "make_proposer",
 ]
 
@@ -31,17 +32,23 @@ def make_proposer(spec: str, target, dtype: str = "float32", device: str = "cpu"
         return NoDraft()
     if spec == "ngram":
         return NgramProposer()
-    layers = parse_spec(spec)
-    if layers is not None:
-        return LMProposer(early_exit_model(target.model, layers))
     from sequoia.drafts.trained import draft_dir, load_trained_proposer
 
     if draft_dir(spec) is not None:  # a packaged name or a `sequoia draft train` directory
         return load_trained_proposer(spec, target.model)
+    return LMProposer(load_draft_model(spec, target, dtype, device))
+
+
+def load_draft_model(spec: str, target, dtype: str = "float32", device: str = "cpu"):
+    """The causal LM behind an LM draft spec: ``early-exit:N`` (shares the target's weights)
+    or a model spec, checked to share the target's tokenizer and vocabulary."""
+    layers = parse_spec(spec)
+    if layers is not None:
+        return early_exit_model(target.model, layers)
     from sequoia.models import check_tokenizers_match, load_model
 
-    draft = load_model(spec, dtype=dtype, device=device)
+    draft = load_model(spec, dtype=dtype, device=device, tokenizer=target.tokenizer is not None)
     if target.tokenizer is not None and draft.tokenizer is not None:
         check_tokenizers_match(target.tokenizer, draft.tokenizer)
     check_same_vocabulary(target.model, draft.model)
-    return LMProposer(draft.model)
+    return draft.model

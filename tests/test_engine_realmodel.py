@@ -16,7 +16,7 @@ import torch
 from sequoia.drafts import LMProposer, make_proposer
 from sequoia.engine import STOP_EOS, STOP_LENGTH, Engine, eos_token_ids
 from sequoia.prompts import load_prompts, render_prompt
-from sequoia.solver import chain, solve
+from sequoia.solver import chain, kary, solve
 from sequoia.tree import Tree
 
 pytestmark = pytest.mark.skipif(
@@ -73,11 +73,12 @@ def _check_lossless(smollm, references, proposer, tree: Tree, prompts, max_new: 
 @pytest.mark.parametrize(
     "draft, tree",
     [
-        ("ngram", Tree.from_children_counts([3, 2, 1, 1, 1])),
+        ("none", Tree((-1,))),
+        ("ngram", kary(3, 2)),
         ("early-exit:6", solve(ACCEPTANCE, 16, 6).tree(16, 6)),
         ("self", chain(5)),
     ],
-    ids=["ngram", "early-exit-solver16", "self-chain"],
+    ids=["none-single", "ngram-3ary", "early-exit-solver16", "self-chain"],
 )
 def test_greedy_matches_generate(smollm, references, draft, tree):
     proposer = LMProposer(smollm.model) if draft == "self" else make_proposer(draft, smollm)

@@ -4,9 +4,10 @@ keep the accepted path in both KV caches.
 One :meth:`Engine.step` emits the accepted draft tokens plus one token from the target, and its
 output has exactly the distribution of the target decoding alone (token for token the same
 when greedy). The target cache holds every accepted token but the last (the root of the next
-tree). Generation stops where the target's own ``generate`` would: after an EOS token, after
-``max_new_tokens``, or when the sequence fills the context; near the last two limits the tree
-is cut to the depth that can still be used.
+tree); only the prefill, like ``generate``'s, takes the whole prompt, and it scores the first
+tree's root. Generation stops where the target's own ``generate`` would: after an EOS token,
+after ``max_new_tokens``, or when the sequence fills the context; near the last two limits the
+tree is cut to the depth that can still be used.
 
     >>> from sequoia.drafts import NgramProposer
     >>> from sequoia.models import tiny_llama
@@ -150,6 +151,7 @@ class Engine:
         self.timer = timer or StepTimer(self.device)
         self._trees: dict[int, Tree] = {}  # the tree cut to each depth limit met so far
         self._cache: DynamicCache | None = None
+        self._root: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prefill's root scores
         self.stats = DecodeStats()
         self.stop: str | None = None
 
@@ -162,7 +164,8 @@ class Engine:
 
     @torch.inference_mode()
     def start(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> None:
-        """Reset the proposer and stats and put all prompt tokens but the last in the cache."""
+        """Reset the proposer and stats and prefill the whole prompt, as ``generate`` does: the
+        last prompt token is the first tree's root, already scored."""
         assert prompt_ids.ndim == 1 and prompt_ids.dtype == torch.long
         length = len(prompt_ids)
         if length == 0:
@@ -179,16 +182,18 @@ class Engine:
         self._tokens = torch.zeros(self.max_context, dtype=torch.long)  # [max_context]
         self._tokens[:length] = prompt_ids
         self._length, self._prompt_length, self._max_new = length, length, int(max_new_tokens)
-        self._cache, self._hidden = DynamicCache(), None
-        if length > 1:
-            out = self.target(
-                input_ids=prompt_ids[None, :-1].to(self.device),
-                use_cache=True,
-                logits_to_keep=1,
-                output_hidden_states=self.proposer.needs_hidden_states,
-                **cache_kwargs(self.target, self._cache),
-            )
-            self._hidden = out.hidden_states[-1][0] if self.proposer.needs_hidden_states else None
+        self._cache = DynamicCache()
+        wants_hidden = self.proposer.needs_hidden_states
+        out = self.target(
+            input_ids=prompt_ids[None].to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=wants_hidden,
+            **cache_kwargs(self.target, self._cache),
+        )
+        hidden = out.hidden_states[-1][0] if wants_hidden else None  # [length, hidden]
+        self._hidden = hidden[:-1] if wants_hidden else None
+        self._root = (out.logits[0], hidden[-1:] if wants_hidden else None)  # [1, vocab], [1, hidden]
 
     @property
     def tokens(self) -> torch.Tensor:  # [generated] int64
@@ -213,15 +218,14 @@ class Engine:
                 draft = self.proposer.propose(ctx, tree)
             # 2. one target forward with tree mask
             with self.timer.section("target"):
-                wants_hidden = self.proposer.needs_hidden_states
-                out = tree_forward(self.target, draft.tokens, tree, self._cache, prefix_len, wants_hidden)
+                logits, hidden = self._score(draft.tokens, tree, prefix_len)
             # 3. verify
             with self.timer.section("verify"):
-                acceptance = self._verify(tree, draft, out.logits[0])
+                acceptance = self._verify(tree, draft, logits)
             # 4. keep accepted path in both KV caches
             with self.timer.section("cache"):
                 keep_path(self._cache, prefix_len, acceptance.nodes)
-                hidden = out.hidden_states[-1][0, list(acceptance.nodes)] if wants_hidden else None
+                hidden = None if hidden is None else hidden[list(acceptance.nodes)]
                 result = self._advance(tree, draft, acceptance, hidden)
                 self.proposer.observe(result)
             # 5. observe/stats
@@ -243,6 +247,25 @@ class Engine:
             last = self.tree.levels[room - 1][-1]
             self._trees[room] = Tree(self.tree.parents[: last + 1], self.tree.meta)
         return self._trees[room]
+
+    def _score(
+        self, tokens: torch.Tensor, tree: Tree, prefix_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [n, vocab], [n, hidden] | None
+        """The target's logits (and hidden states, if the proposer wants them) at every node.
+
+        The first tree's root was scored by the prefill, so that step feeds only nodes 1..n-1.
+        """
+        wants_hidden = self.proposer.needs_hidden_states
+        root, self._root = self._root, None
+        if root is not None and tree.size == 1:
+            return root
+        start = 0 if root is None else 1
+        out = tree_forward(self.target, tokens[start:], tree, self._cache, prefix_len, wants_hidden, start)
+        logits, hidden = out.logits[0], out.hidden_states[-1][0] if wants_hidden else None
+        if root is not None:
+            logits = torch.cat([root[0], logits])
+            hidden = torch.cat([root[1], hidden]) if wants_hidden else None
+        return logits, hidden
 
     def _verify(self, tree: Tree, draft: Draft, logits: torch.Tensor) -> Acceptance:  # [n, vocab]
         if self.sampling.greedy:

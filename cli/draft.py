@@ -67,6 +67,7 @@ def train(
     held_out_tokens: int = typer.Option(128, "--held-out-tokens", help="Greedy tokens per held-out prompt."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="dtype of the target pass that extracts features."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: torch's]."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoint in the work directory."),
 ) -> None:
     """Train a draft on the target's own hidden states (resumes from the work directory)."""
@@ -76,7 +77,7 @@ def train(
     if fresh:
         discard_checkpoint(work)
     with console.status(f"loading {target}"):
-        loaded = load_model(target, dtype=dtype, device=device)
+        loaded = load_model(target, dtype=dtype, device=device, threads=threads)
     with progress_bar("training") as update:
         card = train_from_store(loaded, store, out, work, settings, eos_token_ids(loaded.model, loaded.tokenizer), held_out_tokens, update)
     _show_card(card)
@@ -133,7 +134,8 @@ def _show_card(card: dict) -> None:
     costs = ev.get("cost_ms_per_level", {})
     if costs:
         shown = [w for w in ("1", "2", "4", "8", "16") if w in costs]
-        console.print("cost per tree level (ms, bfloat16): " + ", ".join(f"{w} nodes {costs[w]:.2f}" for w in shown))
+        listed = ", ".join(f"{w} nodes {costs[w]:.2f}" for w in shown)
+        console.print(f"cost per tree level (ms, bfloat16, {ev.get('cost_threads', '?')} thread): {listed}")
     acc = card.get("acceptance")
     if acc:
         vector = ", ".join(f"{p:.3f}" for p in acc["vector"])

@@ -30,6 +30,7 @@ from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 
 TOP = (1, 4)
+COST_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,32 @@ def agreement(model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096)
     return [LevelAgreement(k + 1, int(counts[k]), *(float(x) for x in rates[k])) for k in range(levels)]
 
 
-@torch.inference_mode()
 def level_costs(
-    model: TrainedDraft, widths: Sequence[int] = tuple(range(1, 17)), prefix: int = 256, repeats: int = 20, seed: int = 0
+    model: TrainedDraft,
+    widths: Sequence[int] = tuple(range(1, 17)),
+    prefix: int = 256,
+    repeats: int = 20,
+    seed: int = 0,
+    threads: int | None = COST_THREADS,
 ) -> dict[int, float]:
     """Milliseconds per tree level of ``w`` nodes, for each ``w`` in ``widths`` (greedy; the
-    minimum over ``repeats`` interleaved timings, which a busy machine inflates least)."""
+    minimum over ``repeats`` interleaved timings, which a busy machine inflates least).
+
+    ``threads`` sets torch's CPU threads while timing (None: leave them). One thread is the
+    default because a level is a few small matrix products: a second thread buys little, and
+    on a shared machine two threads waiting on each other inflate timings many times over.
+    """
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _level_costs(model, widths, prefix, repeats, seed)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@torch.inference_mode()
+def _level_costs(model: TrainedDraft, widths: Sequence[int], prefix: int, repeats: int, seed: int) -> dict[int, float]:
     proposer = model.proposer()
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (prefix,), generator=gen)
@@ -104,6 +125,7 @@ def evaluation_record(
         "cost_ms_per_level": {str(w): round(ms, 3) for w, ms in costs.items()},
         "cost_dtype": "bfloat16",
         "cost_device": str(device),
+        "cost_threads": COST_THREADS,
     }
 
 

@@ -10,7 +10,8 @@ per level over the reduced vocabulary:
   distribution (from its stored hidden state and log-sum-exp) restricted to the reduced
   vocabulary, at the positions decoding meets (roots from the last prompt token on).
 
-A run is bounded by ``steps`` or ``minutes`` (of training, summed over resumed runs), whichever
+A run is bounded by ``steps`` or ``minutes`` (of training, evaluations and checkpoints, summed
+over resumed runs; the one-off target pass that caches features is not counted), whichever
 comes first; the learning rate warms up, then follows a cosine over that budget. Batches are
 drawn from a generator seeded by ``(seed, step)``, so a resumed run continues the same stream.
 The checkpoint (model, optimiser, step, elapsed time) is written atomically to the work
@@ -87,7 +88,7 @@ class TrainSettings:
 @dataclass(frozen=True)
 class TrainReport:
     steps: int
-    seconds: float  # training time, summed over resumed runs
+    seconds: float  # training time (evaluations and checkpoints included), summed over resumes
     loss: float  # smoothed loss at the end
     agreement: list[LevelAgreement]  # held-out, per level
 
@@ -171,7 +172,8 @@ def train_draft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        step, seconds = step + 1, seconds + time.monotonic() - began
+        step, start_seconds = step + 1, seconds
+        seconds += time.monotonic() - began
         loss_value = float(loss.detach())
         loss_avg = loss_value if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss_value
         finished = _budget_used(settings, step, seconds) >= 1.0
@@ -179,6 +181,7 @@ def train_draft(
             scores = _evaluate(model, held_out, autocast)
         if step % settings.checkpoint_every == 0 or finished:
             _save_checkpoint(path, settings, model, optimizer, step, seconds, loss_avg)
+        seconds = start_seconds + time.monotonic() - began  # evaluation and checkpoints count too
         if progress is not None:
             agree = "/".join(f"{a.top1:.0%}" for a in scores) or "-"
             progress(min(int(1000 * _budget_used(settings, step, seconds)), 1000), 1000,

@@ -45,6 +45,13 @@ class ChimeraConfig(DraftConfig):
         return self.attention_heads or max(1, self.hidden_size // 64)
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm in its weight's dtype (under autocast the input arrives in bfloat16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm causal attention + gated MLP; the identity at initialisation."""
 
@@ -52,7 +59,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         assert width % heads == 0, f"width {width} is not divisible by {heads} attention heads"
         self.heads = heads
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(width), nn.RMSNorm(width)
+        self.attn_norm, self.mlp_norm = RMSNorm(width), RMSNorm(width)
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.attn_out = nn.Linear(width, width, bias=False)
         self.gate_up = nn.Linear(width, 2 * mlp_size, bias=False)
@@ -98,7 +105,7 @@ class ResidualHead(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.norm, self.up, self.down = nn.RMSNorm(width), nn.Linear(width, width), nn.Linear(width, width)
+        self.norm, self.up, self.down = RMSNorm(width), nn.Linear(width, width), nn.Linear(width, width)
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 

@@ -99,13 +99,14 @@ def eval_(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Acceptance: tokens decoded per prompt."),
     max_size: int = typer.Option(64, "--max-size", help="Tree size for the predicted tokens per step."),
     update: bool = typer.Option(False, "--update-card", help="Write the results into the draft's card."),
-    dtype: str = typer.Option("float32", "--dtype", help="dtype of the target."),
+    dtype: str | None = typer.Option(None, "--dtype", help="dtype of the target [default: the training's]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
 ) -> None:
     """Held-out agreement per tree level, cost per level and (optionally) acceptance of a draft."""
     card = read_card(draft_dir(draft) or Path(draft))
     load_draft(draft)  # a corrupt draft fails here, before the target loads
     name = target or card["target"]
+    dtype = dtype or card.get("training", {}).get("target_dtype", "float32")
     with console.status(f"loading {name}"):
         loaded = load_model(name, dtype=dtype, device=device)
     with console.status("held-out agreement and cost per level"):

@@ -38,7 +38,7 @@ from sequoia.drafts.trained import (
     ReducedVocab, TrainedDraft, draft_kinds, load_trained_proposer, read_card, save_draft, update_card,
 )
 from sequoia.errors import ConfigError, FileFormatError
-from sequoia.models import LoadedModel
+from sequoia.models import LoadedModel, dtype_name
 from sequoia.tree import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -271,6 +271,7 @@ def train_from_store(
         "data": str(data.root.resolve()), "data_positions": train.generated_positions,
         "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
         "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
+        "target_dtype": dtype_name(loaded.dtype),
     }})
     costs = level_costs(load_trained_proposer(out, loaded.model).model)
     update_card(out, {"evaluation": evaluation_record(report.agreement, costs, held_out_tokens, device)})

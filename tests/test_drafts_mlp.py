@@ -60,3 +60,4 @@ def test_a_tree_deeper_than_the_heads_is_refused(draft, tiny_target):
     with pytest.raises(ConfigError, match="--max-depth 3"):
         draft.proposer().propose(ctx, Tree((-1, 0, 1, 2, 3)))
     assert len(draft.proposer().propose(ctx, Tree((-1,))).tokens) == 1  # a bare root is fine
+    random_draft("mlp", tiny_target, heads=1).proposer().warmup()  # warm-up stays within one head

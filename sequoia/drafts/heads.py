@@ -47,7 +47,7 @@ class HeadsProposer(Proposer):
         tokens = torch.arange(4, dtype=torch.long) % self.model.config.vocab_size
         hidden = torch.zeros(3, self.model.config.hidden_size)
         ctx = DraftContext(tokens, SamplingConfig(), torch.Generator(), hidden_states=hidden)
-        self.propose(ctx, Tree.from_children_counts([2, 1]))
+        self.propose(ctx, Tree.from_children_counts([2] + [1] * (min(2, self.max_depth) - 1)))
         self.reset()
 
     @torch.inference_mode()

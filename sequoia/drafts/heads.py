@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from sequoia.drafts.base import Draft, DraftContext, Proposer
-from sequoia.drafts.lm import _choose
+from sequoia.drafts.lm import choose_candidates
 from sequoia.drafts.trained import TrainedDraft
 from sequoia.errors import ConfigError
 from sequoia.sampling import SamplingConfig
@@ -68,7 +68,7 @@ class HeadsProposer(Proposer):
             counts = torch.as_tensor(tree.num_children[list(tree.levels[level])], device=device)
             parents = counts > 0
             logits = self._level(level, nodes[parents])  # [p, r]
-            candidates, q = _choose(logits.float(), int(counts.max()), ctx)  # [p, width] rows of r
+            candidates, q = choose_candidates(logits.float(), int(counts.max()), ctx)  # [p, width] rows of r
             width = torch.arange(candidates.shape[1], device=device)
             below = tree.levels[level + 1]
             tokens[below[0] : below[-1] + 1] = ids[candidates][width < counts[parents][:, None]]

@@ -64,7 +64,7 @@ class LMProposer(Proposer):
                 logits = out.logits[0]  # [len(nodes), vocab]
             counts = torch.as_tensor(tree.num_children[list(nodes)], device=device)  # [m]
             parents = counts > 0
-            candidates, q = _choose(logits[parents], int(counts.max()), ctx)  # [p, width], [p, vocab]
+            candidates, q = choose_candidates(logits[parents], int(counts.max()), ctx)  # [p, width], [p, vocab]
             width = torch.arange(candidates.shape[1], device=device)
             below = tree.levels[level + 1]
             tokens[below[0] : below[-1] + 1] = candidates[width < counts[parents][:, None]]
@@ -97,11 +97,13 @@ class LMProposer(Proposer):
         return out.logits[0]
 
 
-def _choose(
+def choose_candidates(
     logits: torch.Tensor,  # [m, vocab] logits of the nodes that have children
     width: int,
     ctx: DraftContext,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [m, width] candidates best first, [m, vocab] q
+    """Each row's children: its top-``width`` tokens when greedy, else ``width`` draws from the
+    processed distribution ``q`` (with or without replacement, as ``ctx`` says)."""
     if ctx.sampling.greedy:
         return logits.topk(width, dim=-1).indices, None
     q = logits_to_probs(logits, ctx.sampling)

@@ -43,16 +43,18 @@ class ConstantDrafter:
 
 
 class Faulty:
-    """Wraps a model; on call number ``when`` runs ``action`` (raise, or send Ctrl-C)."""
+    """Wraps a model; on call number ``when`` (and, unless ``once``, every later call) runs
+    ``action`` (raise, or send Ctrl-C). A single failing call can belong to a speculation the
+    orchestrator preempts and ignores, so a failure that must surface keeps failing."""
 
-    def __init__(self, model, when: int, action) -> None:
-        self.model, self.when, self.action, self.calls = model, when, action, 0
+    def __init__(self, model, when: int, action, once: bool = True) -> None:
+        self.model, self.when, self.action, self.once, self.calls = model, when, action, once, 0
         self.lock = threading.Lock()
 
     def __call__(self, **kwargs):
         with self.lock:
             self.calls += 1
-            fire = self.calls == self.when
+            fire = self.calls == self.when or (not self.once and self.calls > self.when)
         if fire:
             self.action()
         return self.model(**kwargs)
@@ -110,7 +112,7 @@ def test_error_in_a_worker_propagates_and_stops_all_workers(tiny_target, tiny_dr
         raise RuntimeError("target replica failed")
 
     with pytest.raises(RuntimeError, match="target replica failed"):
-        dsi_generate(Faulty(tiny_target, 4, boom), tiny_draft, [1, 2, 3], 200, 2, 3)
+        dsi_generate(Faulty(tiny_target, 4, boom, once=False), tiny_draft, [1, 2, 3], 200, 2, 3)
 
 
 def test_keyboard_interrupt_raised_in_the_drafter_stops_all_workers(tiny_target, tiny_draft):
@@ -118,7 +120,7 @@ def test_keyboard_interrupt_raised_in_the_drafter_stops_all_workers(tiny_target,
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        dsi_generate(tiny_target, Faulty(tiny_draft, 3, interrupt), [1, 2, 3], 200, 2, 3)
+        dsi_generate(tiny_target, Faulty(tiny_draft, 3, interrupt, once=False), [1, 2, 3], 200, 2, 3)
 
 
 def test_ctrl_c_signal_mid_run_stops_all_workers(tiny_target, tiny_draft):

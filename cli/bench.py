@@ -51,6 +51,8 @@ def bench(
     with progress_bar("loading models, measuring acceptance") as update:
         report = benchmark(config, update)
     paths = write_report(report, out)
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
     for sec in report["sections"]:
         table = Table(title=f"{sec['setting']}", title_justify="left")
         for col in ("method", "tokens/s", "speed-up", "tokens/step", "predicted"):

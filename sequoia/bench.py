@@ -79,6 +79,10 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     probe = factory()
     assistant = probe.model if isinstance(probe, LMProposer) else None
     prefix_len = int(sum(len(p) for p in prompts) / len(prompts) + config.max_new_tokens / 2)
+    notes = [] if assistant is not None else [
+        f"hf-assisted not run: the draft {config.draft!r} is not a causal LM (assisted generation "
+        "needs one: use early-exit:N or a draft model)"
+    ]
 
     sections = []
     for temperature in config.temperatures:
@@ -115,6 +119,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": config.device},
         "config": asdict(config),
         "prompts": [p.id for p in prompt_set],
+        "notes": notes,
         "sections": sections,
     }
 
@@ -128,6 +133,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['date']} · {report['machine']['processor']} · torch {report['machine']['torch']} · "
         f"{report['machine']['threads']} threads · {len(report['prompts'])} prompts × {cfg['max_new_tokens']} "
         f"new tokens · engine dtype {cfg['engine_dtype']} · medians over prompts (min–max)",
+        *(f"\nNote: {note}" for note in report.get("notes", [])),
     ]
     for sec in report["sections"]:
         opt = sec["optimizer"]

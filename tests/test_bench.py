@@ -87,6 +87,7 @@ def test_report_files(tmp_path):
         "date": "2026-01-01", "machine": {"processor": "cpu", "torch": "2", "threads": 2},
         "config": {"target": "t", "draft": "d", "max_new_tokens": 8, "engine_dtype": "float32"},
         "prompts": ["a"],
+        "notes": ["hf-assisted not run: the draft 'ngram' is not a causal LM"],
         "sections": [{
             "setting": "greedy", "acceptance": {"vector": [0.5], "samples": 10},
             "optimizer": {"size": 3, "depth": 2, "predicted_tokens_per_step": 1.75, "predicted_speedup": 1.4},
@@ -103,5 +104,6 @@ def test_report_files(tmp_path):
     text = markdown(report)
     assert "| sequoia (3 nodes, depth 2) | 14.0 (13.0–15.0) | 1.40x | 1.70 | 1.75 |" in text
     assert "all methods, every prompt" in text
+    assert "Note: hf-assisted not run" in text
     paths = write_report(report, tmp_path / "run")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)

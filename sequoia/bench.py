@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sequoia.acceptance import measure_counts
-from sequoia.drafts import LMProposer, make_proposer
+from sequoia.drafts import LMProposer, Proposer, make_proposer
 from sequoia.engine import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
@@ -75,9 +75,14 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     prompt_set = load_prompts(config.prompts, config.limit)
     prompts = [torch.tensor(render_prompt(main.tokenizer, p.text, config.chat)) for p in prompt_set]
     eos = eos_token_ids(main.model, main.tokenizer)
-    factory = lambda: make_proposer(config.draft, main, dtype=config.engine_dtype, device=config.device)  # noqa: E731
-    probe = factory()
+    probe = make_proposer(config.draft, main, dtype=config.engine_dtype, device=config.device)
     assistant = probe.model if isinstance(probe, LMProposer) else None
+
+    def factory() -> Proposer:
+        """A fresh proposer per engine; an LM draft's weights are loaded once and shared."""
+        if assistant is not None:
+            return LMProposer(assistant)
+        return make_proposer(config.draft, main, dtype=config.engine_dtype, device=config.device)
     prefix_len = int(sum(len(p) for p in prompts) / len(prompts) + config.max_new_tokens / 2)
     notes = [] if assistant is not None else [
         f"hf-assisted not run: the draft {config.draft!r} is not a causal LM (assisted generation "

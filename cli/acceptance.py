@@ -9,20 +9,20 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult, measure_counts
-from sequoia.drafts import make_proposer
+from sequoia.drafts import make_proposer, resolve_draft
 from sequoia.engine import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia_cli.common import console, handles_errors, progress_bar
+from sequoia_cli.common import DRAFT_HELP, console, handles_errors, progress_bar
 
 
 @handles_errors
 def acceptance(
     out: Path = typer.Option(..., "--out", help="Where to write the sequoia-acceptance/1 JSON."),
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
-    draft: str = typer.Option("ngram", "--draft", help="ngram, or a draft model sharing the target's tokenizer."),
+    draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
     prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL / JSON / text file."),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N prompts."),
     width: int = typer.Option(8, "--width", help="Candidates per node (length of the vector)."),
@@ -42,6 +42,7 @@ def acceptance(
         raise ConfigError("stochastic mode needs --temperature > 0 (temperature 0 is greedy)")
     sampling = SamplingConfig(0.0 if mode == "greedy" else temperature, top_p)
     prompt_set = load_prompts(prompts, limit)
+    draft = resolve_draft(draft, target)
     with console.status(f"loading {target} and draft {draft}"):
         loaded = load_model(target, dtype=dtype, device=device)
         proposer = make_proposer(draft, loaded, dtype=dtype, device=device)

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from sequoia.bench import BenchConfig, benchmark, load_settings, write_report
 from sequoia.models import DEFAULT_MODEL
-from sequoia_cli.common import console, handles_errors, progress_bar
+from sequoia_cli.common import DRAFT_HELP, console, handles_errors, progress_bar
 
 
 def _floats(text: str) -> list[float]:
@@ -24,7 +24,7 @@ def bench(
     profile: Path = typer.Option(..., "--profile", help="Target profile in the engine's dtype."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Result stem: writes STEM.json/.md/.png."),
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
-    draft: str = typer.Option("ngram", "--draft", help="ngram, early-exit:N, or a draft model."),
+    draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
     draft_profile: Path | None = typer.Option(None, "--draft-profile", help="Profile of the draft per level."),
     prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL / JSON / text file."),
     limit: int | None = typer.Option(6, "--limit", help="Use only the first N prompts."),

@@ -16,6 +16,10 @@ from sequoia.errors import SequoiaError
 console = Console()
 err_console = Console(stderr=True)
 
+DRAFT_HELP = (
+    "none, ngram, early-exit:N, a trained draft (packaged name or directory) or a draft model "
+    "sharing the target's tokenizer. Default: the target's packaged trained draft, else ngram."
+)
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult
-from sequoia.drafts import make_proposer
+from sequoia.drafts import make_proposer, resolve_draft
+from sequoia.drafts.trained import draft_limits
 from sequoia.engine import VERIFIERS, Engine, eos_token_ids
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import DEFAULT_MODEL, load_model
@@ -18,7 +19,7 @@ from sequoia.prompts import render_prompt
 from sequoia.sampling import SamplingConfig
 from sequoia.solver import chain, solve
 from sequoia.tree import Tree
-from sequoia_cli.common import console, err_console, handles_errors
+from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors
 
 DEFAULT_TREE_DEPTH = 4  # a chain, when neither --tree nor --budget/--acceptance picks a tree
 
@@ -28,9 +29,7 @@ def generate(
     prompt: str | None = typer.Option(None, "--prompt", help="The prompt text."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
-    draft: str = typer.Option(
-        "ngram", "--draft", help="none (plain decoding), ngram, early-exit:N, or a draft model spec."
-    ),
+    draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
     tree_file: Path | None = typer.Option(None, "--tree", help="Tree file (sequoia-tree/1 JSON or growmap .pt)."),
     budget: int | None = typer.Option(None, "--budget", help="Tree size for the solver (with --acceptance)."),
     max_depth: int | None = typer.Option(None, "--max-depth", help="Tree depth limit for the solver."),
@@ -52,6 +51,7 @@ def generate(
     """Generate text with the target, speculating with a draft on a token tree (lossless)."""
     sampling = _sampling(mode, temperature, top_p, top_k)
     text = _prompt_text(prompt, prompt_file)
+    draft = resolve_draft(draft, target)
     tree = _tree(draft, tree_file, budget, max_depth, acceptance)
     if verifier not in VERIFIERS:
         raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
@@ -113,14 +113,15 @@ def _tree(
         return Tree((-1,))
     if tree_file is not None:
         return Tree.load(tree_file)
+    deepest = draft_limits(draft).max_depth  # a trained draft fills at most its heads' levels
     if acceptance is None:
         if budget is not None or max_depth is not None:
             raise ConfigError("--budget/--max-depth need --acceptance (a sequoia-acceptance/1 file)")
-        return chain(DEFAULT_TREE_DEPTH)
+        return chain(min(DEFAULT_TREE_DEPTH, deepest or DEFAULT_TREE_DEPTH))
     if budget is None:
         raise ConfigError("--acceptance needs --budget (the tree size)")
     vector = AcceptanceResult.load(acceptance).vector
-    depth = budget - 1 if max_depth is None else max_depth
+    depth = min(budget - 1 if max_depth is None else max_depth, deepest or budget)
     return solve(vector, budget, depth).tree(budget, depth)
 
 

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult
+from sequoia.drafts.trained import draft_limits
 from sequoia.errors import ConfigError
 from sequoia.optimizer import Choice, choose
 from sequoia.profiler import Profile
@@ -42,7 +43,9 @@ def optimize(
     draft_profile: Path | None = typer.Option(None, "--draft-profile", help="Profile of the draft model."),
     prefix_len: int = typer.Option(256, "--prefix-len", help="Context length the latencies are read at."),
     max_size: int | None = typer.Option(None, "--max-size", help="Largest tree (default: largest profiled)."),
-    max_depth: int = typer.Option(16, "--max-depth", help="Deepest tree considered."),
+    max_depth: int = typer.Option(
+        16, "--max-depth", help="Deepest tree considered (a trained draft lowers it to its levels)."
+    ),
 ) -> None:
     """Choose the tree size and depth that minimise predicted time per token on this device."""
     prof = Profile.load(profile)
@@ -54,7 +57,11 @@ def optimize(
                 f"{path} was measured for target {acc.target!r} but {profile} profiles "
                 f"{prof.model!r}; measure both on the same model"
             )
-    choices = [choose(prof, a.vector, prefix_len, draft_prof, max_size, max_depth) for a in accs]
+    choices = []
+    for acc in accs:  # a trained draft (named in the acceptance file) caps the depth, brings its cost
+        limits = draft_limits(acc.draft)
+        depth = min(max_depth, limits.max_depth or max_depth)
+        choices.append(choose(prof, acc.vector, prefix_len, draft_prof, max_size, depth, level_ms=limits.level_ms))
     best = choices[0].best
     meta = {
         **best.tree.meta,

@@ -15,14 +15,15 @@ import datetime
 import os
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sequoia.acceptance import measure_counts
-from sequoia.drafts import LMProposer, Proposer, make_proposer
+from sequoia.drafts import LMProposer, Proposer, make_proposer, resolve_draft
+from sequoia.drafts.trained import draft_limits
 from sequoia.engine import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
@@ -43,7 +44,7 @@ class BenchConfig:
 
     profile: str  # target profile (sequoia-profile/1) in the engine's dtype
     target: str = DEFAULT_MODEL
-    draft: str = "ngram"
+    draft: str | None = None  # None: the target's default draft (see resolve_draft)
     draft_profile: str | None = None
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines
     engine_dtype: str = "bfloat16"  # the engine's and the HF peers' target dtype
@@ -63,6 +64,9 @@ class BenchConfig:
 
 def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
+    config = replace(config, draft=resolve_draft(config.draft, config.target))
+    limits = draft_limits(config.draft)
+    max_depth = min(config.max_depth, limits.max_depth or config.max_depth)
     if config.engine_dtype not in config.dtypes:
         raise ConfigError(f"the engine dtype {config.engine_dtype} must be one of --dtypes {config.dtypes}")
     profile = Profile.load(config.profile)
@@ -96,7 +100,8 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         counts, samples = measure_counts(main.model, factory(), prompts, config.acceptance_width, sampling,
                                          config.acceptance_tokens, eos, config.seed)
         setting = Setting(label, sampling, tuple((counts / max(samples, 1)).tolist()))
-        choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=config.max_depth)
+        choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=max_depth,
+                        level_ms=limits.level_ms)
         tree = fixed_tree or choice.best.tree
         methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, config.engine_dtype,
                                   factory, tree, eos, assistant)

@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,12 +132,14 @@ def choose(
     max_size: int | None = None,
     max_depth: int = 16,
     top: int = 5,
+    level_ms: Mapping[int, float] | None = None,
 ) -> Choice:
     """:func:`choose_tree` with latencies read from profiles at ``prefix_len``.
 
     The draft's per-level cost comes from ``draft_profile`` (its ``draft`` section, or its
-    target grid when it profiles the draft model itself), else from ``profile``'s ``draft``
-    section; with neither, drafting is taken as free (a model-free proposer such as n-gram).
+    target grid when it profiles the draft model itself), else from ``level_ms`` (ms per level
+    by width, as a trained draft's card records), else from ``profile``'s ``draft`` section;
+    with none of them, drafting is taken as free (a model-free proposer such as n-gram).
     """
     largest = int(max(profile.target.tokens))
     max_size = largest if max_size is None else int(max_size)
@@ -149,25 +151,34 @@ def choose(
     return choose_tree(
         acceptance,
         lambda n: profile.latency(n, prefix_len),
-        draft_latency_fn(profile, draft_profile, prefix_len),
+        draft_latency_fn(profile, draft_profile, prefix_len, level_ms),
         max_size,
         max_depth,
         top=top,
     )
 
 
-def draft_latency_fn(profile: Profile, draft_profile: Profile | None, prefix_len: int) -> LatencyFn:
-    """Per-level draft cost (ms for a level of ``w`` tokens) from whichever profile has it.
+def draft_latency_fn(
+    profile: Profile, draft_profile: Profile | None, prefix_len: int, level_ms: Mapping[int, float] | None = None
+) -> LatencyFn:
+    """Per-level draft cost (ms for a level of ``w`` tokens) from whichever source has it (the
+    order of :func:`choose`).
 
     Widths past the largest measured one scale that cost proportionally (a level twice as
     wide costs at most twice as much), so wide flat trees are never treated as free.
     """
-    source = draft_profile if draft_profile is not None else profile
-    if source.draft is not None:
-        grid, measure = source.draft, lambda w: source.draft_latency(w, prefix_len)
-    elif draft_profile is not None:
-        grid, measure = draft_profile.target, lambda w: draft_profile.latency(w, prefix_len)
+    if draft_profile is not None:
+        source = draft_profile
+        if source.draft is not None:
+            widest, measure = float(source.draft.tokens[-1]), lambda w: source.draft_latency(w, prefix_len)
+        else:
+            widest, measure = float(source.target.tokens[-1]), lambda w: source.latency(w, prefix_len)
+    elif level_ms:
+        widths = np.array(sorted(level_ms), dtype=float)
+        costs = np.array([level_ms[int(w)] for w in widths])
+        widest, measure = float(widths[-1]), lambda w: float(np.interp(w, widths, costs))
+    elif profile.draft is not None:
+        widest, measure = float(profile.draft.tokens[-1]), lambda w: profile.draft_latency(w, prefix_len)
     else:
         return lambda w: 0.0
-    widest = float(grid.tokens[-1])
     return lambda w: measure(min(w, widest)) * max(w / widest, 1.0)

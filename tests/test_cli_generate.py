@@ -127,3 +127,19 @@ def test_bad_input_is_one_line_and_exit_2(dirs, tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert result.stdout == ""
+
+
+def test_a_trained_draft_decodes_losslessly_within_its_depth(dirs, tmp_path):
+    from trained_draft_helpers import random_draft
+
+    from sequoia.drafts.trained import save_draft
+
+    save_draft(random_draft("mlp", tiny_llama(seed=0), heads=2), tmp_path / "mlp", "tiny")
+    accept = tmp_path / "acceptance.json"
+    AcceptanceResult(target="t", draft="d", mode="greedy", temperature=0.0, top_p=1.0, vector=(0.6, 0.2, 0.1),
+                     stderr=(0.0, 0.0, 0.0), samples=100, prompts="test").save(accept)
+    solved = _run("--target", dirs["target"], "--draft", str(tmp_path / "mlp"), "--budget", "8",
+                  "--acceptance", str(accept), "--prompt", PROMPT, "--max-new-tokens", "16")
+    assert solved.exit_code == 0, solved.output
+    assert "tree of 8 nodes, depth 2" in solved.stderr  # the solver kept to the draft's 2 levels
+    assert solved.stdout == _greedy_text(dirs["target"], 16) + "\n"

@@ -14,13 +14,13 @@ from sequoia_cli.main import app
 runner = CliRunner()
 
 
-def _write_inputs(tmp_path, acc_target="tiny"):
+def _write_inputs(tmp_path, acc_target="tiny", draft="d"):
     samples = np.array([30.0, 31.0, 35.0, 50.0, 90.0])[None, :, None].repeat(3, axis=2)
     grid = LatencyGrid("tiny", (256,), (1, 4, 16, 32, 64), samples)
     Profile(grid, {"name": "test-cpu"}, {}).save(tmp_path / "profile.json")
     for name, vec, temp in (("greedy", [0.7, 0.1], 0.0), ("t1", [0.4, 0.15, 0.05], 1.0)):
         AcceptanceResult(
-            target=acc_target, draft="d", mode="greedy" if temp == 0 else "stochastic",
+            target=acc_target, draft=draft, mode="greedy" if temp == 0 else "stochastic",
             temperature=temp, top_p=1.0, vector=tuple(vec), stderr=(0.01,) * len(vec), samples=100,
             prompts="builtin",
         ).save(tmp_path / f"{name}.json")
@@ -53,3 +53,25 @@ def test_optimize_bad_input_one_line_no_file(tmp_path, case):
     assert "error:" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_trained_draft_caps_the_depth_and_brings_its_cost(tmp_path, tiny_target):
+    from trained_draft_helpers import random_draft
+
+    from sequoia.drafts.trained import save_draft, update_card
+
+    save_draft(random_draft("mlp", tiny_target, heads=2), tmp_path / "d", "tiny")
+    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 3.0, "16": 4.0}}})
+    _write_inputs(tmp_path, draft=str(tmp_path / "d"))
+    out = tmp_path / "tree.json"
+    result = runner.invoke(app, [
+        "optimize", "--profile", str(tmp_path / "profile.json"), "--acceptance", str(tmp_path / "greedy.json"),
+        "--out", str(out), "--max-depth", "8",
+    ])
+    assert result.exit_code == 0, result.output
+    tree = Tree.load(out)
+    assert 1 <= tree.depth <= 2
+    widths = np.bincount(tree.depths)[:-1]  # expanded levels: 3 ms + 1 ms * (w - 1) / 15 each
+    draft_ms = sum(3.0 + (w - 1) / 15 for w in widths)
+    target_ms = Profile.load(tmp_path / "profile.json").latency(tree.size, 256)
+    assert tree.meta["predicted_ms_per_token"] == pytest.approx((draft_ms + target_ms) / tree.meta["expected_tokens"])

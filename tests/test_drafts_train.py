@@ -8,13 +8,15 @@ import pytest
 import torch
 from trained_draft_helpers import bigram_target, check_greedy_lossless, random_draft, sampled_sequences
 
-from sequoia.drafts import make_proposer
+from sequoia.drafts import make_proposer, resolve_draft
 from sequoia.drafts.data import DataStore, Manifest
 from sequoia.drafts.evaluate import agreement, level_costs
 from sequoia.drafts.features import FeatureCache, FeatureSet, extract_features
 from sequoia.drafts.heads import HeadsProposer
 from sequoia.drafts.train import TrainSettings, draft_loss, open_training_data, train_draft
-from sequoia.drafts.trained import CARD, WEIGHTS, ReducedVocab, load_draft, save_draft
+from sequoia.drafts.trained import (
+    CARD, WEIGHTS, DraftLimits, ReducedVocab, draft_limits, load_draft, save_draft, update_card,
+)
 from sequoia.errors import ConfigError, FileFormatError, ModelError
 from sequoia.models import LoadedModel, tiny_llama
 
@@ -195,3 +197,25 @@ def test_cli_bad_input_is_one_line(case, tiny_target, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_draft_limits_come_from_the_card(tiny_target, tmp_path):
+    save_draft(random_draft("mlp", tiny_target, heads=3), tmp_path / "d", "tiny")
+    assert draft_limits(tmp_path / "d") == DraftLimits(3, {})  # not evaluated yet: cost unknown
+    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 1.25, "16": 1.8}}})
+    assert draft_limits(tmp_path / "d") == DraftLimits(3, {1: 1.25, 16: 1.8})
+    assert draft_limits("ngram") == draft_limits("early-exit:4") == DraftLimits()
+    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"one": "fast"}}})
+    with pytest.raises(FileFormatError, match="cost_ms_per_level"):
+        draft_limits(tmp_path / "d")
+
+
+def test_the_default_draft_is_the_packaged_one_when_it_ships(monkeypatch):
+    import sequoia.drafts.trained as trained
+
+    assert resolve_draft("early-exit:4", "smollm2-135m") == "early-exit:4"
+    assert resolve_draft(None, "some/other-model") == "ngram"
+    monkeypatch.setattr(trained, "packaged_drafts", lambda: [])
+    assert resolve_draft(None, "smollm2-135m") == "ngram"
+    monkeypatch.setattr(trained, "packaged_drafts", lambda: ["smollm2-135m-mlp"])
+    assert resolve_draft(None, "smollm2-135m") == "smollm2-135m-mlp"

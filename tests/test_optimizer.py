@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sequoia.errors import ConfigError
-from sequoia.optimizer import choose, choose_tree, evaluate, level_widths
+from sequoia.optimizer import choose, choose_tree, draft_latency_fn, evaluate, level_widths
 from sequoia.profiler import LatencyGrid, Profile
 from sequoia.solver import chain, solve
 from sequoia.tree import Tree
@@ -75,3 +75,20 @@ def test_choose_reads_profiles_and_checks_budget():
     assert choice.autoregressive_ms == pytest.approx(30.0)
     with pytest.raises(ConfigError, match="largest profiled"):
         choose(profile, P, max_size=128)
+
+
+def test_card_costs_price_the_draft_and_a_profile_wins_over_them():
+    target = _grid("tiny", [1, 8, 32, 64], [30.0, 32.0, 40.0, 70.0])
+    profile = Profile(target, {"name": "test"}, {})
+    level_ms = {1: 1.0, 4: 1.3, 16: 2.0}
+    cost = draft_latency_fn(profile, None, 256, level_ms)
+    assert cost(1) == pytest.approx(1.0) and cost(10) == pytest.approx(1.65)  # interpolated
+    assert cost(32) == pytest.approx(4.0)  # past the widest: proportional
+    assert draft_latency_fn(profile, None, 256)(8) == 0.0  # nothing known: free
+    draft_profile = Profile(_grid("tiny-draft", [1, 8, 16], [2.0, 2.5, 3.0]), {"name": "test"}, {})
+    assert draft_latency_fn(profile, draft_profile, 256, level_ms)(8) == pytest.approx(2.5)
+    priced = choose(profile, P, prefix_len=256, max_depth=8, level_ms={1: 20.0, 16: 25.0})
+    free = choose(profile, P, prefix_len=256, max_depth=8)
+    assert priced.best.depth < free.best.depth
+    assert priced.best.draft_ms == pytest.approx(sum(20 + 5 * (w - 1) / 15 for w in level_widths(priced.best.tree)[:-1]))
+    assert free.best.draft_ms == 0.0

@@ -19,7 +19,18 @@ __all__ = [
     "Proposer",
     "load_draft_model",
     "make_proposer",
+    "resolve_draft",
 ]
+
+
+def resolve_draft(spec: str | None, target: str) -> str:
+    """``spec``, or when it is None the default draft of ``target`` (a model alias): its
+    packaged trained draft where one ships, else ``ngram``."""
+    if spec is not None:
+        return spec
+    from sequoia.drafts.trained import default_draft
+
+    return default_draft(target)
 
 
 def make_proposer(spec: str, target, dtype: str = "float32", device: str = "cpu") -> Proposer:

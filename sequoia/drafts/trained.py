@@ -20,7 +20,7 @@ Drafts that ship with the package live under ``sequoia/data/drafts/<name>/`` and
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -193,6 +193,30 @@ def default_draft(target: str) -> str:
     """The packaged draft made for ``target`` when it ships, else ``ngram``."""
     name = DEFAULT_DRAFTS.get(target)
     return name if name in packaged_drafts() else "ngram"
+
+
+@dataclass(frozen=True)
+class DraftLimits:
+    """What the tree optimizer must know about a draft before it picks a tree."""
+
+    max_depth: int | None = None  # deepest tree the draft can fill; None: any
+    level_ms: dict[int, float] = field(default_factory=dict)  # ms per tree level by width; {}: unknown
+
+
+def draft_limits(spec: str | os.PathLike) -> DraftLimits:
+    """A trained draft's depth limit (its heads) and measured cost per level (from its card's
+    evaluation); no limits for any other draft spec. Reads the card only, no weights."""
+    directory = draft_dir(spec)
+    if directory is None:
+        return DraftLimits()
+    card = read_card(directory)
+    config = DraftConfig.from_json(card.get("config"), str(directory / CARD))
+    costs = (card.get("evaluation") or {}).get("cost_ms_per_level") or {}
+    try:
+        level_ms = {int(w): float(ms) for w, ms in costs.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise FileFormatError(f"{directory / CARD}: 'cost_ms_per_level' must map widths to milliseconds") from None
+    return DraftLimits(config.heads, level_ms)
 
 
 def draft_dir(spec: str | os.PathLike) -> Path | None:

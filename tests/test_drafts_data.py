@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from scipy import stats
+from transformers import LogitsProcessorList
 
-from sequoia.drafts.data import DataStore, Manifest, training_prompts
+from sequoia.drafts.data import DataStore, DrawNextToken, Manifest, training_prompts
 from sequoia.errors import ConfigError, FileFormatError
+from sequoia.models import tiny_llama
 from sequoia.prompts import load_prompts
+from sequoia.sampling import SamplingConfig, logits_to_probs
 
 SETTINGS = dict(target="tiny", dtype="float32", temperature=1.0, top_p=0.95, max_new_tokens=8)
 
@@ -43,3 +48,22 @@ def test_bad_stores(tmp_path):
     (tmp_path / "s" / store.manifest.shards[0]).write_bytes(b"not a zip")
     with pytest.raises(FileFormatError, match="corrupt"):
         list(store.sequences())
+
+
+def test_drawn_tokens_follow_the_top_p_distribution_and_generate_emits_them():
+    scores = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]]).repeat(20_000, 1)
+    sampling = SamplingConfig(0.8, top_p=0.9)
+    out = DrawNextToken(sampling, seed=0)(torch.zeros(20_000, 1, dtype=torch.long), scores)
+    assert bool((torch.isfinite(out).sum(-1) == 1).all())
+    counts = np.bincount(out.argmax(-1).numpy(), minlength=6)
+    expected = logits_to_probs(scores[0], sampling).double().numpy()
+    expected *= 20_000 / expected.sum()
+    kept = expected > 0
+    assert counts[~kept].sum() == 0  # top-p dropped them
+    assert stats.chisquare(counts[kept], expected[kept]).pvalue > 1e-4
+    model = tiny_llama(seed=0)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    runs = [model.generate(prompt, do_sample=False, max_new_tokens=12, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([DrawNextToken(SamplingConfig(1.0), seed)]))
+            for seed in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])  # seeded draws, not argmax

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel
 from sequoia.prompts import render_prompt
+from sequoia.sampling import SamplingConfig, logits_to_probs, sample
 from sequoia.tree import read_json, write_json_atomic
 
 DATA_FORMAT = "sequoia-distill/1"
@@ -152,6 +154,25 @@ class DataStore:
         write_json_atomic(self.root / MANIFEST, self.manifest.to_json())
 
 
+class DrawNextToken(LogitsProcessor):
+    """Samples each row's next token with :mod:`sequoia.sampling` and leaves it the only finite
+    score, so ``generate``'s greedy step emits exactly that draw.
+
+    Same distribution as ``generate(do_sample=True, temperature, top_p, top_k=0)`` (temperature,
+    then top-p over the top candidates, then the exponential race), several times faster at a
+    large batch: ``generate`` sorts the whole vocabulary and calls ``multinomial`` every step,
+    which cost more than the forward pass (170 vs 130 ms per step at batch 64 on this CPU).
+    """
+
+    def __init__(self, sampling: SamplingConfig, seed: int, device: torch.device | str = "cpu") -> None:
+        self.sampling = sampling
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # [B, vocab]
+        tokens = sample(logits_to_probs(scores, self.sampling), self.generator)  # [B]
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+
 @torch.inference_mode()
 def sample_batch(
     loaded: LoadedModel, prompts: list[str], settings: Manifest, seed: int
@@ -166,11 +187,10 @@ def sample_batch(
     for row, x in enumerate(ids):
         batch[row, width - len(x) :] = torch.tensor(x)
         mask[row, width - len(x) :] = 1
-    torch.manual_seed(seed)
+    draw = DrawNextToken(SamplingConfig(settings.temperature, settings.top_p), seed, loaded.device)
     out = loaded.model.generate(
-        input_ids=batch.to(loaded.device), attention_mask=mask.to(loaded.device), do_sample=True,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-        max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+        input_ids=batch.to(loaded.device), attention_mask=mask.to(loaded.device), do_sample=False,
+        logits_processor=LogitsProcessorList([draw]), max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
     )[:, width:].cpu()
     eos = tok.eos_token_id
     sequences = []

@@ -7,25 +7,16 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
+from word_tokenizer import WORDS
+from word_tokenizer import word_tokenizer as _tokenizer
 
 from sequoia.acceptance import AcceptanceResult
 from sequoia.models import tiny_llama
 from sequoia.tree import Tree
 from sequoia_cli.main import app
 
-WORDS = [f"w{i}" for i in range(64)]
 PROMPT = "w3 w1 w4 w1 w5 w9 w2 w6"
-
-
-def _tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
 def _model_dir(path, seed: int, words: list[str] = WORDS):

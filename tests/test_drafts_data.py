@@ -7,10 +7,11 @@ import pytest
 import torch
 from scipy import stats
 from transformers import LogitsProcessorList
+from word_tokenizer import word_tokenizer
 
-from sequoia.drafts.data import DataStore, DrawNextToken, Manifest, training_prompts
+from sequoia.drafts.data import DataStore, DrawNextToken, Manifest, generate_data, training_prompts
 from sequoia.errors import ConfigError, FileFormatError
-from sequoia.models import tiny_llama
+from sequoia.models import LoadedModel, tiny_llama
 from sequoia.prompts import load_prompts
 from sequoia.sampling import SamplingConfig, logits_to_probs
 
@@ -67,3 +68,23 @@ def test_drawn_tokens_follow_the_top_p_distribution_and_generate_emits_them():
                            logits_processor=LogitsProcessorList([DrawNextToken(SamplingConfig(1.0), seed)]))
             for seed in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])  # seeded draws, not argmax
+
+
+def test_generate_data_grows_resumes_and_stores_prompt_plus_continuation(tmp_path):
+    loaded = LoadedModel(tiny_llama(seed=0), word_tokenizer(), "tiny", torch.float32, torch.device("cpu"))
+    settings = Manifest(target="tiny", dtype="float32", temperature=1.0, top_p=0.9, max_new_tokens=6, chat=False)
+    store = DataStore.open_or_create(tmp_path / "s", settings)
+    generate_data(store, loaded, positions=20, batch_size=3)
+    first = DataStore.open(tmp_path / "s").manifest
+    assert first.positions >= 20 and first.prompts_done == first.sequences == 3 * len(first.shards)
+    generate_data(DataStore.open(tmp_path / "s"), loaded, positions=40, batch_size=3)  # resumes, appends
+    stored = list(DataStore.open(tmp_path / "s").sequences())
+    assert DataStore.open(tmp_path / "s").manifest.positions == sum(len(t) - p for t, p in stored) >= 40
+    prompts = training_prompts(0)
+    for i, (tokens, plen) in enumerate(stored):
+        assert tokens[:plen].tolist() == loaded.tokenizer(prompts[i])["input_ids"]
+        assert 1 <= len(tokens) - plen <= 6
+    again = tmp_path / "again"
+    generate_data(DataStore.open_or_create(again, settings), loaded, positions=20, batch_size=3)
+    replay = [t.tolist() for t, _ in DataStore.open(again).sequences()]
+    assert replay == [t.tolist() for t, _ in stored[: len(replay)]]  # a store's samples follow from its seeds

@@ -13,6 +13,7 @@ interrupted run loses at most the batch in flight, and the next run resumes wher
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -104,7 +105,7 @@ class DataStore:
     def open_or_create(cls, root: str | os.PathLike, settings: Manifest) -> DataStore:
         """Open ``root`` and check it was made with ``settings``, or start an empty store."""
         if not (Path(root) / MANIFEST).is_file():
-            store = cls(root, settings)
+            store = cls(root, copy.deepcopy(settings))  # the store grows its manifest; not the caller's
             store._write_manifest()
             return store
         store = cls.open(root)
@@ -181,7 +182,7 @@ def sample_batch(
     tok = loaded.tokenizer
     ids = [render_prompt(tok, p, settings.chat) for p in prompts]
     width = max(len(x) for x in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)  # masked out anyway
     batch = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros_like(batch)
     for row, x in enumerate(ids):

@@ -26,6 +26,9 @@ def bench(
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
     draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
     draft_profile: Path | None = typer.Option(None, "--draft-profile", help="Profile of the draft per level."),
+    assistant: str | None = typer.Option(
+        None, "--assistant", help="Causal-LM draft for HF assisted generation when --draft is not one (e.g. early-exit:8)."
+    ),
     prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL / JSON / text file."),
     limit: int | None = typer.Option(6, "--limit", help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens generated per prompt."),
@@ -42,7 +45,7 @@ def bench(
     """Benchmark plain generate, assisted generation, prompt lookup and tree decoding."""
     config = BenchConfig(
         profile=str(profile), target=target, draft=draft,
-        draft_profile=str(draft_profile) if draft_profile else None,
+        draft_profile=str(draft_profile) if draft_profile else None, assistant=assistant,
         dtypes=tuple(d.strip() for d in dtypes.split(",") if d.strip()), engine_dtype=engine_dtype,
         device=device, prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, chat=chat,
         temperatures=load_settings(_floats(temperatures)), top_p=top_p, max_depth=max_depth,

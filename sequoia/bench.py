@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sequoia.acceptance import measure_counts
-from sequoia.drafts import LMProposer, Proposer, make_proposer, resolve_draft
+from sequoia.drafts import LMProposer, Proposer, load_draft_model, make_proposer, resolve_draft
 from sequoia.drafts.trained import draft_limits
 from sequoia.engine import eos_token_ids
 from sequoia.errors import ConfigError
@@ -46,6 +46,7 @@ class BenchConfig:
     target: str = DEFAULT_MODEL
     draft: str | None = None  # None: the target's default draft (see resolve_draft)
     draft_profile: str | None = None
+    assistant: str | None = None  # causal-LM draft for HF assisted generation when ``draft`` is not one
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines
     engine_dtype: str = "bfloat16"  # the engine's and the HF peers' target dtype
     device: str = "cpu"
@@ -80,18 +81,23 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     prompts = [torch.tensor(render_prompt(main.tokenizer, p.text, config.chat)) for p in prompt_set]
     eos = eos_token_ids(main.model, main.tokenizer)
     probe = make_proposer(config.draft, main, dtype=config.engine_dtype, device=config.device)
-    assistant = probe.model if isinstance(probe, LMProposer) else None
+    shared = probe.model if isinstance(probe, LMProposer) else None
+    assistant = shared
+    if assistant is None and config.assistant is not None:
+        assistant = load_draft_model(config.assistant, main, dtype=config.engine_dtype, device=config.device)
 
     def factory() -> Proposer:
         """A fresh proposer per engine; an LM draft's weights are loaded once and shared."""
-        if assistant is not None:
-            return LMProposer(assistant)
+        if shared is not None:
+            return LMProposer(shared)
         return make_proposer(config.draft, main, dtype=config.engine_dtype, device=config.device)
     prefix_len = int(sum(len(p) for p in prompts) / len(prompts) + config.max_new_tokens / 2)
-    notes = [] if assistant is not None else [
-        f"hf-assisted not run: the draft {config.draft!r} is not a causal LM (assisted generation "
-        "needs one: use early-exit:N or a draft model)"
-    ]
+    notes = []
+    if assistant is None:
+        notes.append(f"hf-assisted not run: the draft {config.draft!r} is not a causal LM (assisted generation "
+                     "needs one: pass --assistant early-exit:N or a draft model)")
+    elif shared is None:
+        notes.append(f"hf-assisted drafts with {config.assistant!r} (the tree draft {config.draft!r} is not a causal LM)")
 
     sections = []
     for temperature in config.temperatures:

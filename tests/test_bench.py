@@ -107,3 +107,38 @@ def test_report_files(tmp_path):
     assert "Note: hf-assisted not run" in text
     paths = write_report(report, tmp_path / "run")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
+    """The whole ``benchmark`` on a tiny target: the trained draft's depth caps the optimizer's
+    tree, its card prices the levels, HF assisted generation drafts with ``--assistant``, and
+    every lossless method reproduces greedy ``generate``."""
+    import numpy as np
+    from trained_draft_helpers import random_draft
+    from word_tokenizer import word_tokenizer
+
+    from sequoia.bench import BenchConfig, benchmark
+    from sequoia.drafts.trained import save_draft, update_card
+    from sequoia.profiler import LatencyGrid, Profile
+
+    target = tiny_llama(seed=0)
+    target.save_pretrained(tmp_path / "target")
+    word_tokenizer().save_pretrained(tmp_path / "target")
+    save_draft(random_draft("mlp", target, heads=2), tmp_path / "mlp", "tiny")
+    update_card(tmp_path / "mlp", {"evaluation": {"cost_ms_per_level": {"1": 0.5, "16": 1.0}}})
+    samples = np.array([10.0, 10.5, 11.0, 14.0])[None, :, None].repeat(3, axis=2)
+    name = str((tmp_path / "target").resolve())
+    Profile(LatencyGrid(name, (64,), (1, 8, 16, 32), samples), {"name": "test"}, {}).save(tmp_path / "profile.json")
+    (tmp_path / "prompts.txt").write_text("w3 w1 w4 w1 w5\nw9 w2 w6 w5 w3 w5\n")
+    config = BenchConfig(
+        profile=str(tmp_path / "profile.json"), target=name, draft=str(tmp_path / "mlp"), assistant="early-exit:1",
+        dtypes=("float32",), engine_dtype="float32", prompts=str(tmp_path / "prompts.txt"), limit=2,
+        max_new_tokens=8, chat=False, temperatures=(0.0,), acceptance_tokens=8,
+    )
+    report = benchmark(config)
+    (section,) = report["sections"]
+    assert 1 <= section["optimizer"]["depth"] <= 2
+    assert {"generate float32", "hf-assisted", "hf-prompt-lookup"} <= set(section["runs"])
+    agreement = section["greedy_agreement"]
+    assert "hf-assisted" in agreement and all(a["identical"] for a in agreement.values()), agreement
+    assert any("early-exit:1" in note for note in report["notes"])

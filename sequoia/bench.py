@@ -110,7 +110,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
                         level_ms=limits.level_ms)
         tree = fixed_tree or choice.best.tree
         methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, config.engine_dtype,
-                                  factory, tree, eos, assistant)
+                                  factory, tree, eos, assistant, limits.max_depth)
         step = (lambda done, total, name, lbl=label: progress(done, total, f"{lbl}: {name}")) if progress else None
         results = run_bench(methods, prompts, config.max_new_tokens, prompts[0][:8], step)
         baselines = [f"generate {d}" for d in config.dtypes]

@@ -145,11 +145,14 @@ def tree_methods(
     eos: Sequence[int],
     group: str,
     seed: int = 0,
+    max_depth: int | None = None,
 ) -> list[Method]:
-    """The optimizer's tree and the best chain, k-ary and k-chains trees of the same size."""
+    """The optimizer's tree and the best chain, k-ary and k-chains trees within its size (and
+    ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads)."""
     trees = {"sequoia": sequoia_tree}
+    depth = max(sequoia_tree.size - 1, 0) if max_depth is None else min(max_depth, max(sequoia_tree.size - 1, 0))
     for label, shape in BASELINE_SHAPES.items():
-        trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, max(sequoia_tree.size - 1, 0))
+        trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, depth)
     methods = []
     for label, tree in trees.items():
         engine = Engine(target, proposer_factory(), tree, sampling, eos_token_ids=eos, seed=seed)
@@ -238,6 +241,7 @@ def setting_methods(
     sequoia_tree: Tree,
     eos: Sequence[int],
     assistant: PreTrainedModel | None,
+    max_depth: int | None = None,
 ) -> list[Method]:
     """Every method for one setting: ``generate`` per dtype, the HF peers, and the trees."""
     target = targets[engine_dtype]
@@ -248,5 +252,5 @@ def setting_methods(
     methods.append(Method("hf-prompt-lookup", hf_runner(
         target, setting.sampling, eos, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS), engine_dtype))
     methods += tree_methods(target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
-                            engine_dtype)
+                            engine_dtype, max_depth=max_depth)
     return methods

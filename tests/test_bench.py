@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sequoia.bench import markdown, write_report
-from sequoia.drafts import LMProposer
+from sequoia.drafts import LMProposer, NgramProposer
 from sequoia.errors import ConfigError
 from sequoia.methods import (
     ForwardCounter,
@@ -17,9 +17,11 @@ from sequoia.methods import (
     run_bench,
     setting_methods,
     summarize,
+    tree_methods,
 )
 from sequoia.models import tiny_llama
 from sequoia.sampling import SamplingConfig
+from sequoia.solver import solve
 from sequoia.tree import Tree
 
 PROMPTS = [torch.tensor([1, 5, 9, 2]), torch.tensor([7, 3, 3, 8, 1])]
@@ -126,7 +128,7 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     word_tokenizer().save_pretrained(tmp_path / "target")
     save_draft(random_draft("mlp", target, heads=2), tmp_path / "mlp", "tiny")
     update_card(tmp_path / "mlp", {"evaluation": {"cost_ms_per_level": {"1": 0.5, "16": 1.0}}})
-    samples = np.array([10.0, 10.5, 11.0, 14.0])[None, :, None].repeat(3, axis=2)
+    samples = np.array([10.0, 10.1, 10.2, 10.3])[None, :, None].repeat(3, axis=2)  # wide trees are free
     name = str((tmp_path / "target").resolve())
     Profile(LatencyGrid(name, (64,), (1, 8, 16, 32), samples), {"name": "test"}, {}).save(tmp_path / "profile.json")
     (tmp_path / "prompts.txt").write_text("w3 w1 w4 w1 w5\nw9 w2 w6 w5 w3 w5\n")
@@ -138,7 +140,19 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     report = benchmark(config)
     (section,) = report["sections"]
     assert 1 <= section["optimizer"]["depth"] <= 2
+    trees = [name for name in section["runs"] if "nodes, depth" in name]
+    assert len(trees) == 4 and all(int(name.split("depth ")[1].rstrip(")")) <= 2 for name in trees), trees
     assert {"generate float32", "hf-assisted", "hf-prompt-lookup"} <= set(section["runs"])
     agreement = section["greedy_agreement"]
     assert "hf-assisted" in agreement and all(a["identical"] for a in agreement.values()), agreement
     assert any("early-exit:1" in note for note in report["notes"])
+
+
+def test_baseline_trees_keep_to_the_drafts_depth(models):
+    target, _, _ = models
+    sequoia_tree = solve(GREEDY.acceptance, 12, 2).tree(12, 2)
+    free = tree_methods(target, NgramProposer, sequoia_tree, GREEDY.acceptance, GREEDY.sampling, (), "float32")
+    capped = tree_methods(target, NgramProposer, sequoia_tree, GREEDY.acceptance, GREEDY.sampling, (), "float32",
+                          max_depth=2)
+    assert max(m.tree.depth for m in free) == 11  # the best chain of 12 nodes
+    assert [m.tree.depth for m in capped] == [2, 2, 2, 2] and all(m.tree.size <= 12 for m in capped)

@@ -268,7 +268,7 @@ def train_from_store(
     device = loaded.device
     model, report = train_draft(settings, train, held_out, loaded.model, work, device, eos_token_ids, progress)
     save_draft(model, out, loaded.name, {"training": {
-        "data": str(data.root.resolve()), "data_positions": train.generated_positions,
+        "data": str(data.root), "data_positions": train.generated_positions,
         "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
         "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
         "target_dtype": dtype_name(loaded.dtype),

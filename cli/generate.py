@@ -113,15 +113,15 @@ def _tree(
         return Tree((-1,))
     if tree_file is not None:
         return Tree.load(tree_file)
-    deepest = draft_limits(draft).max_depth  # a trained draft fills at most its heads' levels
+    limits = draft_limits(draft)  # a trained draft fills at most its heads' levels
     if acceptance is None:
         if budget is not None or max_depth is not None:
             raise ConfigError("--budget/--max-depth need --acceptance (a sequoia-acceptance/1 file)")
-        return chain(min(DEFAULT_TREE_DEPTH, deepest or DEFAULT_TREE_DEPTH))
+        return chain(limits.cap(DEFAULT_TREE_DEPTH))
     if budget is None:
         raise ConfigError("--acceptance needs --budget (the tree size)")
     vector = AcceptanceResult.load(acceptance).vector
-    depth = min(budget - 1 if max_depth is None else max_depth, deepest or budget)
+    depth = limits.cap(budget - 1 if max_depth is None else max_depth)
     return solve(vector, budget, depth).tree(budget, depth)
 
 

@@ -60,8 +60,8 @@ def optimize(
     choices = []
     for acc in accs:  # a trained draft (named in the acceptance file) caps the depth, brings its cost
         limits = draft_limits(acc.draft)
-        depth = min(max_depth, limits.max_depth or max_depth)
-        choices.append(choose(prof, acc.vector, prefix_len, draft_prof, max_size, depth, level_ms=limits.level_ms))
+        choices.append(choose(prof, acc.vector, prefix_len, draft_prof, max_size, limits.cap(max_depth),
+                              level_ms=limits.level_ms))
     best = choices[0].best
     meta = {
         **best.tree.meta,

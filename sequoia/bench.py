@@ -67,7 +67,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
     config = replace(config, draft=resolve_draft(config.draft, config.target))
     limits = draft_limits(config.draft)
-    max_depth = min(config.max_depth, limits.max_depth or config.max_depth)
+    max_depth = limits.cap(config.max_depth)
     if config.engine_dtype not in config.dtypes:
         raise ConfigError(f"the engine dtype {config.engine_dtype} must be one of --dtypes {config.dtypes}")
     profile = Profile.load(config.profile)

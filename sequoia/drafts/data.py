@@ -17,7 +17,7 @@ import copy
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -174,6 +174,18 @@ class DrawNextToken(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
 
 
+def left_padded(rows: Sequence[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token id lists as one left-padded batch for ``generate``: ``[B, W]`` ids, ``[B, W]``
+    attention mask and the pad id (the tokenizer's pad, else its EOS, else 0: masked out anyway)."""
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, x in enumerate(rows):
+        ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
+    return ids, mask, pad
+
+
 @torch.inference_mode()
 def sample_batch(
     loaded: LoadedModel, prompts: list[str], settings: Manifest, seed: int
@@ -181,13 +193,8 @@ def sample_batch(
     """Sample the target's continuations of ``prompts`` in one left-padded batch."""
     tok = loaded.tokenizer
     ids = [render_prompt(tok, p, settings.chat) for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)  # masked out anyway
-    batch = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, x in enumerate(ids):
-        batch[row, width - len(x) :] = torch.tensor(x)
-        mask[row, width - len(x) :] = 1
+    batch, mask, pad = left_padded(ids, tok)
+    width = batch.shape[1]
     draw = DrawNextToken(SamplingConfig(settings.temperature, settings.top_p), seed, loaded.device)
     out = loaded.model.generate(
         input_ids=batch.to(loaded.device), attention_mask=mask.to(loaded.device), do_sample=False,

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sequoia.drafts.data import DataStore
+from sequoia.drafts.data import DataStore, left_padded
 from sequoia.drafts.trained import NO_TOKEN
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name
@@ -207,17 +207,13 @@ def greedy_continuations(
 ) -> list[tuple[np.ndarray, int]]:
     """The target's greedy continuations (cut after EOS) of tokenised prompts."""
     tok, model = loaded.tokenizer, loaded.model
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = []
     for a in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[a : a + batch_size]
-        width = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, x in enumerate(chunk):
-            ids[row, width - len(x) :], mask[row, width - len(x) :] = torch.tensor(x), 1
+        ids, mask, pad = left_padded(chunk, tok)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=pad,

@@ -202,6 +202,10 @@ class DraftLimits:
     max_depth: int | None = None  # deepest tree the draft can fill; None: any
     level_ms: dict[int, float] = field(default_factory=dict)  # ms per tree level by width; {}: unknown
 
+    def cap(self, depth: int) -> int:
+        """``depth``, lowered to the deepest tree the draft can fill."""
+        return depth if self.max_depth is None else min(depth, self.max_depth)
+
 
 def draft_limits(spec: str | os.PathLike) -> DraftLimits:
     """A trained draft's depth limit (its heads) and measured cost per level (from its card's

@@ -7,6 +7,8 @@ predicted tokens/step):
   dtype asked for (the speed-up baseline is the fastest of them);
 * ``hf-assisted`` -- ``generate(assistant_model=draft)`` with the same draft (LM drafts only);
 * ``hf-prompt-lookup`` -- ``generate(prompt_lookup_num_tokens=...)``;
+* ``engine, no draft`` -- this engine decoding one token per step: what the engine gains (or
+  loses) over ``generate`` before any speculation, e.g. from packed weights (:mod:`sequoia.prepack`);
 * ``chain`` / ``k-ary`` / ``k-chains`` / ``sequoia`` -- this engine with the best tree of each
   family at the Sequoia tree's size, and the optimizer's tree itself.
 
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from sequoia.drafts.base import Proposer
+from sequoia.drafts.base import NoDraft, Proposer
 from sequoia.engine import Engine
 from sequoia.errors import ConfigError
 from sequoia.sampling import SamplingConfig
@@ -36,6 +38,7 @@ from sequoia.tree import Tree
 
 BASELINE_SHAPES = {"chain": "chain", "k-ary": "kary", "k-chains": "chains"}
 PROMPT_LOOKUP_TOKENS = 10
+ENGINE_ALONE = "engine, no draft"
 
 
 @dataclass(frozen=True)
@@ -235,15 +238,17 @@ class Setting:
 
 def setting_methods(
     setting: Setting,
-    targets: dict[str, PreTrainedModel],  # dtype name -> target model
+    targets: dict[str, PreTrainedModel],  # dtype name -> target model, as Hugging Face loads it
     engine_dtype: str,
+    engine_target: PreTrainedModel,  # the engine's target in engine_dtype (packed where that helps)
     proposer_factory: Callable[[], Proposer],
     sequoia_tree: Tree,
     eos: Sequence[int],
     assistant: PreTrainedModel | None,
     max_depth: int | None = None,
 ) -> list[Method]:
-    """Every method for one setting: ``generate`` per dtype, the HF peers, and the trees."""
+    """Every method for one setting: ``generate`` per dtype, the HF peers, this engine without a
+    draft (what the engine alone gains), and the trees."""
     target = targets[engine_dtype]
     methods = [Method(f"generate {d}", hf_runner(m, setting.sampling, eos), d) for d, m in targets.items()]
     if assistant is not None:
@@ -251,6 +256,8 @@ def setting_methods(
                               engine_dtype))
     methods.append(Method("hf-prompt-lookup", hf_runner(
         target, setting.sampling, eos, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS), engine_dtype))
-    methods += tree_methods(target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
+    alone = Engine(engine_target, NoDraft(), Tree((-1,)), setting.sampling, eos_token_ids=eos)
+    methods.append(Method(ENGINE_ALONE, engine_runner(alone), engine_dtype, alone.tree, 1.0))
+    methods += tree_methods(engine_target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
                             engine_dtype, max_depth=max_depth)
     return methods

@@ -46,6 +46,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from sequoia.errors import ConfigError, ModelError
+from sequoia.prepack import prepack_linears
 
 CACHE_ENV = "SEQUOIA_CACHE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,13 +87,15 @@ def load_model(
     threads: int | None = None,
     offload: bool = False,
     tokenizer: bool = True,
+    prepack: bool = True,
 ) -> LoadedModel:
     """Load a target or draft from an alias, ``.gguf`` file, local directory or hub id.
 
     ``device`` is ``cpu``, ``cuda`` or ``auto`` (cuda when available). ``threads`` sets
     torch's intra-op thread count (process-wide). ``offload`` places what does not fit on
     the GPU in CPU memory through ``accelerate`` (weights stream to the GPU layer by layer).
-    ``tokenizer=False`` skips the tokenizer (profiling needs none). Raises
+    ``tokenizer=False`` skips the tokenizer (profiling needs none). ``prepack`` packs bfloat16
+    CPU linear weights once for oneDNN (:mod:`sequoia.prepack`: faster, same outputs). Raises
     :class:`ModelError` or :class:`ConfigError` with a one-line message on bad input.
     """
     torch_dtype = resolve_dtype(dtype)
@@ -108,6 +111,8 @@ def load_model(
     with _quiet_transformers():
         model = _load_weights(name, directory, torch_dtype, torch_device, offload)
         tok = _load_tokenizer(name, directory) if tokenizer else None
+    if prepack:
+        prepack_linears(model)
     embed_device = model.get_input_embeddings().weight.device
     return LoadedModel(model.eval(), tok, name, torch_dtype, embed_device)
 

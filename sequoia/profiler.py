@@ -38,6 +38,7 @@ from transformers import DynamicCache, PreTrainedModel
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.models import dtype_name
+from sequoia.prepack import PackedLinear
 from sequoia.tree import Tree, read_json, write_json_atomic
 
 PROFILE_FORMAT = "sequoia-profile/1"
@@ -339,7 +340,8 @@ def compare_masks(
 
 # ---------------------------------------------------------------------------- the document
 def describe_device(model: PreTrainedModel) -> dict[str, Any]:
-    """Where and how the model runs: device name, CPU model, threads, versions, dtype."""
+    """Where and how the model runs: device name, CPU model, threads, versions, dtype, and how
+    many linear layers run from packed weights (:mod:`sequoia.prepack`)."""
     dtype, device = model_dtype_device(model)
     cpu = _cpu_model()
     return {
@@ -352,6 +354,7 @@ def describe_device(model: PreTrainedModel) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "prepacked_linears": sum(isinstance(m, PackedLinear) for m in model.modules()),
         "platform": platform.platform(),
     }
 

@@ -47,19 +47,21 @@ def test_forward_counter_counts_target_calls(models):
 def test_all_methods_agree_in_greedy_and_steps_are_counted(models):
     target, draft, targets = models
     tree = Tree.from_choices([[0], [1], [0, 0], [1, 0], [0, 0, 0]])
-    methods = setting_methods(GREEDY, targets, "float32", lambda: LMProposer(draft), tree, (), assistant=draft)
+    methods = setting_methods(GREEDY, targets, "float32", target, lambda: LMProposer(draft), tree, (), assistant=draft)
     names = [m.name for m in methods]
-    assert names[:3] == ["generate float32", "hf-assisted", "hf-prompt-lookup"]
-    assert [n.split(" (")[0] for n in names[3:]] == ["sequoia", "chain", "k-ary", "k-chains"]
-    assert all(m.tree.size <= tree.size for m in methods[3:])
+    assert names[:4] == ["generate float32", "hf-assisted", "hf-prompt-lookup", "engine, no draft"]
+    assert [n.split(" (")[0] for n in names[4:]] == ["sequoia", "chain", "k-ary", "k-chains"]
+    assert all(m.tree.size <= tree.size for m in methods[4:])
     results = run_bench(methods, PROMPTS, max_new_tokens=12, warmup_prompt=PROMPTS[0][:2])
     agreement = greedy_agreement(results, {"float32": "generate float32"})
     assert set(agreement) == set(names[1:]) and all(v["identical"] for v in agreement.values())
     plain = results[0]
     assert all(len(r.tokens) == 12 and r.steps == 12 for r in plain.runs)  # one forward per token
+    assert all(len(r.tokens) == 12 and r.steps == 12 for r in results[3].runs)  # the engine alone, too
     rows = summarize(results, ["generate float32"])
     assert rows[0]["speedup"] == pytest.approx(1.0)
-    assert rows[3]["predicted_tokens_per_step"] > 1.0 and rows[0]["predicted_tokens_per_step"] is None
+    assert rows[3]["predicted_tokens_per_step"] == 1.0
+    assert rows[4]["predicted_tokens_per_step"] > 1.0 and rows[0]["predicted_tokens_per_step"] is None
 
 
 def test_agreement_reports_where_outputs_differ(models):

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sequoia.errors import ConfigError, FileFormatError, ModelError
+from sequoia.prepack import prepack_linears
 from sequoia.tree import read_json, write_atomic, write_json_atomic
 
 DRAFT_FORMAT = "sequoia-draft/1"
@@ -311,7 +312,8 @@ def load_draft(spec: str | os.PathLike, target=None) -> TrainedDraft:
 
 def load_trained_proposer(spec: str | os.PathLike, target):
     """The proposer of a trained draft for ``target`` (a ``PreTrainedModel``), on the target's
-    device, in bfloat16 where that device computes it (else the target's dtype)."""
+    device, in bfloat16 where that device computes it (else the target's dtype), with its
+    linear weights packed once where that helps (:mod:`sequoia.prepack`)."""
     from sequoia.models import check_dtype_runs
 
     weight = target.get_input_embeddings().weight
@@ -320,7 +322,9 @@ def load_trained_proposer(spec: str | os.PathLike, target):
         dtype = torch.bfloat16
     except ConfigError:
         dtype = weight.dtype
-    return load_draft(spec, target).to(weight.device, dtype).proposer()
+    model = load_draft(spec, target).to(weight.device, dtype)
+    prepack_linears(model)
+    return model.proposer()
 
 
 def check_target(config: DraftConfig, target, trained_for: str, where: Path | str) -> None:

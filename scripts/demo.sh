@@ -2,12 +2,12 @@
 # The main job end to end on the default model (SmolLM2-135M-Instruct, CPU):
 # profile (shipped) -> acceptance -> optimize -> streamed generation -> short bench.
 # Outputs go to results/demo/ (override with DEMO_OUT); the draft with DEMO_DRAFT (default: the
-# target's packaged trained draft, smollm2-135m-mlp).
+# target's packaged trained draft, smollm2-135m-chimera).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${DEMO_OUT:-results/demo}
-DRAFT=${DEMO_DRAFT:-smollm2-135m-mlp}
+DRAFT=${DEMO_DRAFT:-smollm2-135m-chimera}
 PROFILE=${DEMO_PROFILE:-profiles/cpu-2core-smollm2-135m-bfloat16.json}
 mkdir -p "$OUT"
 

@@ -217,5 +217,5 @@ def test_the_default_draft_is_the_packaged_one_when_it_ships(monkeypatch):
     assert resolve_draft(None, "some/other-model") == "ngram"
     monkeypatch.setattr(trained, "packaged_drafts", lambda: [])
     assert resolve_draft(None, "smollm2-135m") == "ngram"
-    monkeypatch.setattr(trained, "packaged_drafts", lambda: ["smollm2-135m-mlp"])
-    assert resolve_draft(None, "smollm2-135m") == "smollm2-135m-mlp"
+    monkeypatch.setattr(trained, "packaged_drafts", lambda: ["smollm2-135m-chimera", "smollm2-135m-mlp"])
+    assert resolve_draft(None, "smollm2-135m") == "smollm2-135m-chimera"

@@ -1,7 +1,7 @@
 """Greedy losslessness on the default real model, SmolLM2-135M-Instruct.
 
-The drafts are the shipped trained draft (``smollm2-135m-mlp``, reading the target's hidden
-states), the n-gram proposer, an early-exit draft (the target's first layers and its head:
+The drafts are the shipped trained drafts (``smollm2-135m-chimera``, the default, and
+``smollm2-135m-mlp``, both reading the target's hidden states), the n-gram proposer, an early-exit draft (the target's first layers and its head:
 imperfect, so real rejections happen) and the target itself (everything accepted). Each engine output must equal the target's own
 ``generate(do_sample=False)`` token for token, through EOS and the length limit.
 """
@@ -74,19 +74,20 @@ def _check_lossless(smollm, references, proposer, tree: Tree, prompts, max_new: 
     "draft, tree",
     [
         ("none", Tree((-1,))),
+        ("smollm2-135m-chimera", solve(ACCEPTANCE, 16, 4).tree(16, 4)),
         ("smollm2-135m-mlp", solve(ACCEPTANCE, 16, 4).tree(16, 4)),
         ("ngram", kary(3, 2)),
         ("early-exit:6", solve(ACCEPTANCE, 16, 6).tree(16, 6)),
         ("self", chain(5)),
     ],
-    ids=["none-single", "shipped-mlp-solver16", "ngram-3ary", "early-exit-solver16", "self-chain"],
+    ids=["none-single", "shipped-chimera-solver16", "shipped-mlp-solver16", "ngram-3ary", "early-exit-solver16", "self-chain"],
 )
 def test_greedy_matches_generate(smollm, references, draft, tree):
     proposer = LMProposer(smollm.model) if draft == "self" else make_proposer(draft, smollm)
     engine = _check_lossless(smollm, references, proposer, tree, PROMPTS, MAX_NEW)
     if draft == "self":  # the target agrees with itself everywhere
         assert engine.stats.acceptance_by_depth() == [1.0] * len(engine.stats.depth_tried)
-    if draft in ("early-exit:6", "smollm2-135m-mlp"):  # imperfect drafts: some rejections, some acceptances
+    if draft in ("early-exit:6", "smollm2-135m-chimera", "smollm2-135m-mlp"):  # imperfect drafts: some rejections, some acceptances
         assert 0 < engine.stats.mean_accepted < tree.depth
 
 

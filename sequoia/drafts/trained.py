@@ -38,7 +38,7 @@ from sequoia.tree import read_json, write_atomic, write_json_atomic
 
 DRAFT_FORMAT = "sequoia-draft/1"
 CARD, WEIGHTS = "card.json", "draft.safetensors"
-DEFAULT_DRAFTS = {"smollm2-135m": "smollm2-135m-mlp"}  # target alias -> packaged draft name
+DEFAULT_DRAFTS = {"smollm2-135m": "smollm2-135m-chimera"}  # target alias -> packaged draft name
 NO_TOKEN = -1  # a token id before the start of the sequence: embeds as zeros
 
 

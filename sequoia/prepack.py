@@ -46,11 +46,12 @@ class PackedLinear(nn.Module):
 
 def can_prepack() -> bool:
     """Whether this torch runs packed bfloat16 linears on the CPU (oneDNN with bfloat16)."""
-    mkldnn = torch.backends.mkldnn
+    ops = torch.ops.mkldnn
+    needed = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")
     return bool(
-        mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        torch.backends.mkldnn.is_available()
+        and all(hasattr(ops, name) for name in needed)
+        and ops._is_mkldnn_bf16_supported()
     )
 
 

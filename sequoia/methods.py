@@ -153,7 +153,9 @@ def tree_methods(
     """The optimizer's tree and the best chain, k-ary and k-chains trees within its size (and
     ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads)."""
     trees = {"sequoia": sequoia_tree}
-    depth = max(sequoia_tree.size - 1, 0) if max_depth is None else min(max_depth, max(sequoia_tree.size - 1, 0))
+    depth = max(sequoia_tree.size - 1, 0)
+    if max_depth is not None:
+        depth = min(depth, max_depth)
     for label, shape in BASELINE_SHAPES.items():
         trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, depth)
     methods = []

@@ -35,10 +35,11 @@ def test_head_k_reads_head_k_minus_1_state_and_the_path_token(draft):
     hidden = torch.randn(1, 4, draft.config.hidden_size)
     logits = draft.unroll(tokens, hidden)
     nothing = torch.zeros(1, draft.config.hidden_size)  # no state before position 0
-    state, first = draft.step(0, nothing, tokens[:, 0])
+    state = draft.step(0, nothing, tokens[:, 0])
+    first = draft.out(state)
     assert torch.allclose(first, logits[0][:, 0], atol=1e-5)
-    assert torch.allclose(draft.step(1, state, tokens[:, 1])[1], logits[1][:, 1], atol=1e-5)  # root 0, path 7
-    assert torch.allclose(draft.step(1, nothing, tokens[:, 0])[1], logits[1][:, 0], atol=1e-5)
+    assert torch.allclose(draft.out(draft.step(1, state, tokens[:, 1])), logits[1][:, 1], atol=1e-5)  # root 0, path 7
+    assert torch.allclose(draft.out(draft.step(1, nothing, tokens[:, 0])), logits[1][:, 0], atol=1e-5)
 
 
 def test_tree_children_follow_the_unroll(draft, tiny_target):

@@ -83,7 +83,9 @@ def attend(
     v: torch.Tensor,  # [..., N, H, dh]
     allowed: torch.Tensor,  # [M, N] bool; every row allows at least one key
 ) -> torch.Tensor:  # [..., M, H, dh]
-    assert q.ndim == k.ndim == v.ndim and allowed.ndim == 2 and allowed.dtype == torch.bool
+    assert q.ndim == k.ndim == v.ndim >= 3 and allowed.ndim == 2 and allowed.dtype == torch.bool
+    if q.ndim == 3:  # on CPU, unbatched inputs take PyTorch's unfused kernel, ~4x slower
+        return attend(q[None], k[None], v[None], allowed)[0]
     out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), attn_mask=allowed)
     return out.transpose(-3, -2)
 
@@ -140,11 +142,11 @@ class ChimeraDraft(TrainedDraft):
         trigram = self.trigram(torch.cat([self.embed(prev2), self.embed(prev1), self.embed(tokens)], dim=-1))
         return self.fuse(torch.cat([trigram, state.to(trigram)], dim=-1))
 
-    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
         assert tokens.ndim == 2 and hidden.shape[:2] == tokens.shape
         prev1, prev2 = _shift_tokens(tokens, 1), _shift_tokens(tokens, 2)
         hidden = hidden.to(self.out.weight)
-        state, keys, values, logits = hidden, [], [], []
+        state, keys, values, states = hidden, [], [], []
         for level in range(self.config.heads):
             x = self.encoder_input(prev2, prev1, tokens, shift_right(state))
             q, k, v = self.encoder.project(x)
@@ -153,8 +155,8 @@ class ChimeraDraft(TrainedDraft):
             allowed = unroll_mask(tokens.shape[1], level, tokens.device)
             c = self.encoder.finish(x, attend(q, torch.cat(keys, 1), torch.cat(values, 1), allowed))
             state = self.heads[level](c + shift_right(hidden, level + 1))
-            logits.append(self.out(state))
-        return logits
+            states.append(state)
+        return states
 
     def proposer(self) -> ChimeraProposer:
         return ChimeraProposer(self)
@@ -167,26 +169,41 @@ def _shift_tokens(tokens: torch.Tensor, steps: int) -> torch.Tensor:  # [B, T] -
 
 class ChimeraProposer(HeadsProposer):
     """Grows a tree with a :class:`ChimeraDraft`, keeping the encoder's keys/values of the
-    accepted context (computed from real target states) across steps."""
+    accepted context (computed from real target states) across steps.
+
+    Keys and values live in one preallocated buffer: the accepted context's rows first, then a
+    proposal's tree nodes (node ``j >= 1`` at row ``cached + j - 1``), which the next accepted
+    positions overwrite -- no copy of the context per level."""
 
     model: ChimeraDraft
 
     def reset(self) -> None:
-        self._keys: torch.Tensor | None = None  # [cached, H, dh]
+        self._keys: torch.Tensor | None = None  # [capacity, H, dh]
         self._values: torch.Tensor | None = None
-        self._cached = 0  # accepted positions in the key/value cache
+        self._cached = 0  # accepted positions at the head of the key/value buffer
         self._root_out: torch.Tensor | None = None  # [hidden] encoder output at the root
+
+    def _reserve(self, rows: int, like: torch.Tensor) -> None:  # like: [m, H, dh]
+        """Grow the key/value buffer (doubling) to hold at least ``rows`` rows."""
+        if self._keys is not None and len(self._keys) >= rows:
+            return
+        capacity = max(rows, 2 * (0 if self._keys is None else len(self._keys)), 256)
+        keys, values = (like.new_zeros(capacity, *like.shape[1:]) for _ in range(2))
+        if self._keys is not None:
+            keys[: self._cached], values[: self._cached] = self._keys[: self._cached], self._values[: self._cached]
+        self._keys, self._values = keys, values
 
     def _begin(self, ctx, tree: Tree, tokens: torch.Tensor) -> None:
         weight = self.model.out.weight
         self._feed(ctx.tokens.to(weight.device), ctx.hidden_states)
-        n, heads = tree.size, self.model.encoder.heads
+        n, cached = tree.size, self._cached
+        self._reserve(cached + n - 1, self._keys)
         self._h_last = last_hidden(ctx, self.model.config.hidden_size, weight)
-        self._tokens, self._mask = tokens, tree.ancestor_mask.to(weight.device)
+        self._tokens = tokens
+        self._allowed = torch.ones(n, cached + n - 1, dtype=torch.bool, device=weight.device)
+        self._allowed[:, cached:] = tree.ancestor_mask[:, 1:].to(weight.device)
         self._parents = torch.as_tensor(tree.parents, device=weight.device)
         self._states = torch.zeros(n, self.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
-        self._tree_keys = torch.zeros(n, heads, self._keys.shape[-1], dtype=weight.dtype, device=weight.device)
-        self._tree_values = torch.zeros_like(self._tree_keys)
         self._prev1 = torch.full((n,), NO_TOKEN, dtype=torch.long, device=weight.device)
         if len(ctx.tokens) > 1:
             self._prev1[0] = ctx.tokens[-2]
@@ -206,12 +223,12 @@ class ChimeraProposer(HeadsProposer):
         back = [torch.where(pos >= s, seq[(pos - s).clamp(min=0)], NO_TOKEN) for s in (2, 1)]
         x = self.model.encoder_input(back[0], back[1], seq[start:], states)
         q, k, v = self.model.encoder.project(x)
-        if self._keys is not None:
-            k, v = torch.cat([self._keys, k]), torch.cat([self._values, v])
+        self._reserve(length, k)
+        self._keys[start:length], self._values[start:length] = k, v
         rows = torch.arange(length - start, device=seq.device)[:, None]
         allowed = torch.arange(length, device=seq.device)[None, :] <= rows + start
-        out = self.model.encoder.finish(x, attend(q, k, v, allowed))
-        self._keys, self._values, self._cached, self._root_out = k, v, length, out[-1]
+        out = self.model.encoder.finish(x, attend(q, self._keys[:length], self._values[:length], allowed))
+        self._cached, self._root_out = length, out[-1]
 
     def _level(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
         if level == 0:
@@ -221,12 +238,10 @@ class ChimeraProposer(HeadsProposer):
             prev1 = self._tokens[parents]
             x = self.model.encoder_input(self._prev1[parents], prev1, self._tokens[nodes], self._states[parents])
             self._prev1[nodes] = prev1
-            q, self._tree_keys[nodes], self._tree_values[nodes] = self.model.encoder.project(x)
-            last = int(nodes.max()) + 1
-            keys = torch.cat([self._keys, self._tree_keys[1:last]])
-            values = torch.cat([self._values, self._tree_values[1:last]])
-            cached = torch.ones(len(nodes), self._cached, dtype=torch.bool, device=nodes.device)
-            allowed = torch.cat([cached, self._mask[nodes][:, 1:last]], dim=1)
-            out = self.model.encoder.finish(x, attend(q, keys, values, allowed))
+            rows = self._cached - 1 + nodes
+            q, self._keys[rows], self._values[rows] = self.model.encoder.project(x)
+            end = self._cached + int(nodes.max())
+            attended = attend(q, self._keys[:end], self._values[:end], self._allowed[nodes, :end])
+            out = self.model.encoder.finish(x, attended)
         self._states[nodes] = self.model.heads[level](out + self._h_last)
         return self.model.out(self._states[nodes])

@@ -54,10 +54,10 @@ def agreement(model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096)
     ids, index = model.vocab.ids.to(device), model.vocab.index.to(device)
     for batch in features.batches(max_tokens):
         batch = batch.to(device)
-        for level, logits in enumerate(model.unroll(batch.tokens, batch.hidden)):
+        for level, state in enumerate(model.unroll_states(batch.tokens, batch.hidden)):
             mask = batch.mask(level, generated_only=True)
             target = batch.top1[mask]  # [m]
-            best = ids[logits[mask].topk(max(TOP), dim=-1).indices]  # [m, 4] full ids
+            best = ids[model.out(state[mask]).topk(max(TOP), dim=-1).indices]  # [m, 4] full ids
             for j, k in enumerate(TOP):
                 hits[level, j] += int((best[:, :k] == target[:, None]).any(-1).sum())
             hits[level, -1] += int((index[target] >= 0).sum())

@@ -1,7 +1,7 @@
 """The IBM combined token + embedding speculator (MLP speculator, arXiv 2404.19124).
 
 Head ``k`` turns a state and the embedding of the token at the previous position into the
-next state and that state's logits::
+next state, which the shared output layer turns into logits::
 
     state_k = GELU(LayerNorm_k(a * W_state_k @ state_{k-1} + b * W_token_k @ embed(token)))
     logits_k = W_out @ state_k
@@ -53,23 +53,21 @@ class MLPSpeculator(TrainedDraft):
         level: int,
         state: torch.Tensor,  # [..., hidden] the previous head's state (level 0: the target's)
         tokens: torch.Tensor,  # [...] int64, the token at the previous position
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # [..., hidden] new state, [..., r] logits
+    ) -> torch.Tensor:  # [..., hidden] the new state; its logits are ``self.out(state)``
         assert state.shape[:-1] == tokens.shape and 0 <= level < self.config.heads
         state = state.to(self.out.weight)
         if level == 0:
             state = self.input_norm(state) / math.sqrt(2)
         mixed = self.state_weight * self.state_proj[level](state)
         mixed = mixed + self.token_weight * self.token_proj[level](self.embed(tokens))
-        state = F.gelu(self.norms[level](mixed))
-        return state, self.out(state)
+        return F.gelu(self.norms[level](mixed))
 
-    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
         assert tokens.ndim == 2 and hidden.shape[:2] == tokens.shape
-        state, logits = hidden, []
+        states = [hidden]
         for level in range(self.config.heads):
-            state, level_logits = self.step(level, shift_right(state), tokens)
-            logits.append(level_logits)
-        return logits
+            states.append(self.step(level, shift_right(states[-1]), tokens))
+        return states[1:]
 
     def proposer(self) -> MLPProposer:
         return MLPProposer(self)
@@ -92,5 +90,5 @@ class MLPProposer(HeadsProposer):
             state = self._root_state.expand(len(nodes), -1)
         else:
             state = self._states[self._parents[nodes]]
-        self._states[nodes], logits = self.model.step(level, state, self._tokens[nodes])
-        return logits
+        self._states[nodes] = self.model.step(level, state, self._tokens[nodes])
+        return self.model.out(self._states[nodes])

@@ -111,21 +111,26 @@ def draft_loss(
     """The loss of one batch (see the module docstring); ``teacher``: [r, hidden] the target's
     output rows for the reduced vocabulary."""
     assert teacher.ndim == 2 and stage in ("input", "output")
-    logits = model.unroll(batch.tokens, batch.hidden)
-    if stage == "output":
-        target_logp = (batch.hidden.to(teacher) @ teacher.T).float() - batch.lse[..., None]  # [B, T, r]
-        target = target_logp.exp()
+    states = model.unroll_states(batch.tokens, batch.hidden)
+    generated = stage == "output"
+    # Every level's positions lie within level 0's: the target side is formed there once,
+    # and only on the rows a loss is taken (the output layer and softmax dominate a step).
+    rows = batch.mask(0, generated_only=generated)  # [B, T]
+    if generated:
+        target = ((batch.hidden[rows].to(teacher) @ teacher.T).float() - batch.lse[rows][:, None]).exp()  # [m, r]
     else:
         following = torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], dim=1).clamp(min=0)
-        target = model.vocab.index.to(following.device)[following]  # [B, T] row or -1
+        target = model.vocab.index.to(following.device)[following[rows]]  # [m] row or -1
     losses = []
-    for level, level_logits in enumerate(logits):
-        mask = batch.mask(level, generated_only=stage == "output")
-        logq = F.log_softmax(level_logits[mask].float(), dim=-1)
-        if stage == "output":
-            losses.append(-(target[mask] * logq).sum(-1).mean())
+    for level, state in enumerate(states):
+        mask = batch.mask(level, generated_only=generated)
+        logits = model.out(state[mask]).float()
+        level_target = target[mask[rows]]
+        if generated:  # -sum p log_softmax(z) = lse(z) sum p - p.z, in fewer passes over [m, r]
+            cross = torch.logsumexp(logits, -1) * level_target.sum(-1) - torch.linalg.vecdot(level_target, logits)
+            losses.append(cross.mean())
         else:
-            losses.append(F.nll_loss(logq, target[mask], ignore_index=-1))
+            losses.append(F.cross_entropy(logits, level_target, ignore_index=-1))
     return torch.stack(losses).mean()
 
 

@@ -148,14 +148,20 @@ class TrainedDraft(nn.Module):
         return rows * present.to(rows)[..., None]
 
     # ------------------------------------------------------------------ per kind
-    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher-forced logits of every level: ``[B, T] tokens, [B, T, hidden] -> heads x [B, T, r]``.
+    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher-forced output-layer inputs of every level: ``[B, T] tokens, [B, T, hidden]
+        -> heads x [B, T, hidden]``.
 
         Entry ``k`` (0-based) at position ``i`` scores token ``i + 1`` for a tree rooted at
         position ``i - k`` whose path follows the sequence; the target's hidden states are
-        used up to position ``i - k - 1``, exactly what a proposal at that root has.
+        used up to position ``i - k - 1``, exactly what a proposal at that root has. Training
+        applies :attr:`out` only where a loss is taken.
         """
         raise NotImplementedError
+
+    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`unroll_states` through the output layer: ``heads x [B, T, r]`` logits."""
+        return [self.out(state) for state in self.unroll_states(tokens, hidden)]
 
     def proposer(self):
         """The :class:`~sequoia.drafts.base.Proposer` that grows trees with this model."""

@@ -71,6 +71,11 @@ def prepack_linears(model: nn.Module) -> int:
     return len(packed)
 
 
+def packed(linear: nn.Linear) -> nn.Module:
+    """``linear`` as :func:`prepack_linears` would leave it: packed where that applies."""
+    return PackedLinear(linear) if can_prepack() and _packable(linear) else linear
+
+
 def prepacked_copy(model: nn.Module) -> nn.Module:
     """A packed copy of ``model`` (the original stays plain, e.g. for a ``generate`` baseline);
     ``model`` itself where there is nothing to pack."""

@@ -99,6 +99,20 @@ class Tree:
         return tuple(tuple(range(bounds[d], bounds[d + 1])) for d in range(self.depth + 1))
 
     @cached_property
+    def expansions(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """How a draft fills the tree level by level: for each depth ``l < depth``, the ids of
+        depth ``l``'s nodes that have children ([p] int64, ascending) and a [p, w] bool mask
+        (``w``: the most children) of which of each node's ``w`` best candidates are kept;
+        the kept candidates, row by row, are depth ``l + 1``'s nodes in order."""
+        plans = []
+        for nodes in self.levels[:-1]:
+            counts = torch.as_tensor(self.num_children[list(nodes)])
+            has = counts > 0
+            keep = torch.arange(int(counts.max()))[None, :] < counts[has][:, None]
+            plans.append((torch.as_tensor(nodes)[has], keep))
+        return tuple(plans)
+
+    @cached_property
     def ancestor_mask(self) -> torch.Tensor:  # [n, n] bool
         """``mask[i, j]`` is True iff ``j`` is ``i`` or an ancestor of ``i`` (tree attention)."""
         mask = torch.zeros(self.size, self.size, dtype=torch.bool)

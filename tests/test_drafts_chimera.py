@@ -43,6 +43,15 @@ def test_a_fresh_layer_starts_as_the_identity(draft):
     assert torch.equal(fresh.heads[0](x), x)
 
 
+def test_the_folded_input_layer_is_the_two_it_replaces(draft):
+    prev2, prev1, tokens = torch.tensor([-1, 4, 9]), torch.tensor([3, 7, 11]), torch.tensor([5, 6, 2])
+    state = torch.randn(3, draft.config.hidden_size)
+    proposer = draft.proposer()
+    with torch.no_grad():
+        expected = draft.encoder_input(prev2, prev1, tokens, state)
+        assert torch.allclose(proposer._encoder_input(prev2, prev1, tokens, state), expected, atol=1e-4)
+
+
 def test_the_context_cache_grows_incrementally(draft, tiny_target):
     """Proposing step after step, the cache fed only the hidden states new since the last
     proposal (as the engine gives them), equals a fresh proposer seeing the whole context."""

@@ -84,6 +84,29 @@ def test_training_lowers_the_loss(kind, bigram, features):
     assert float(draft_loss(model, batch, teacher, "input").detach()) > 0
 
 
+@pytest.mark.parametrize("kind", ["mlp", "chimera"])
+def test_the_loss_is_the_definition(kind, bigram, features):
+    """Per level: cross-entropy from the target's distribution over the reduced vocabulary
+    (output stage) or with the next token (input stage), over that level's positions."""
+    train, _ = features
+    model = random_draft(kind, bigram, reduced=48)
+    teacher = bigram.lm_head.weight.detach()[model.vocab.ids]
+    batch = train.random_batch(torch.Generator().manual_seed(1), 512)
+    logits = model.unroll(batch.tokens, batch.hidden)
+    p = ((batch.hidden.float() @ teacher.T) - batch.lse[..., None]).exp()
+    following = model.vocab.index[torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], 1).clamp(min=0)]
+    output, inputs = [], []
+    for level, z in enumerate(logits):
+        logq = torch.log_softmax(z, -1)
+        out_mask, in_mask = batch.mask(level, generated_only=True), batch.mask(level, generated_only=False)
+        output.append(-(p * logq).sum(-1)[out_mask].mean())
+        kept = following[in_mask] >= 0
+        inputs.append(-logq[in_mask][kept].gather(1, following[in_mask][kept][:, None]).mean())
+    with torch.no_grad():
+        assert torch.allclose(draft_loss(model, batch, teacher, "output"), torch.stack(output).mean(), rtol=1e-5)
+        assert torch.allclose(draft_loss(model, batch, teacher, "input"), torch.stack(inputs).mean(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind, steps", [("mlp", 300), ("chimera", 250)])
 def test_a_learnable_target_is_learned(kind, steps, bigram, features, tmp_path):
     train, held_out = features

@@ -36,6 +36,15 @@ def test_packs_every_linear_and_keeps_weights_readable():
 
 
 @needs_onednn
+def test_packed_packs_one_bf16_linear_only():
+    bf16, fp32 = nn.Linear(8, 4).to(torch.bfloat16), nn.Linear(8, 4)
+    assert isinstance(prepack.packed(bf16), PackedLinear) and prepack.packed(fp32) is fp32
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(prepack.packed(bf16)(x), bf16(x))
+
+
+@needs_onednn
 @pytest.mark.parametrize("length", [1, 5, 19])
 def test_packed_logits_match_plain(length):
     plain, packed, _ = _bf16_pair()

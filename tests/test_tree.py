@@ -66,6 +66,14 @@ def test_two_by_two_views() -> None:
     assert t.to_vllm_tree() == "[(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1)]"
 
 
+def test_expansions_say_which_candidates_become_children() -> None:
+    # root -> {1, 2, 3}; 1 -> {4, 5}; 3 -> {6}; 4 -> {7}
+    tree = Tree.from_children_counts([3, 2, 0, 1, 1, 0, 0])
+    plans = [(nodes.tolist(), keep.int().tolist()) for nodes, keep in tree.expansions]
+    assert plans == [([0], [[1, 1, 1]]), ([1, 3], [[1, 1], [1, 0]]), ([4], [[1]])]
+    assert len(CHAIN.expansions) == CHAIN.depth and Tree.from_children_counts([0]).expansions == ()
+
+
 def test_hand_written_growmap_in_the_original_layout() -> None:
     # root -> {1, 2}; 1 -> {3}. The original expands every node level by level, leaves
     # included (0 branches), and stores a long 0/1 mask and a LongTensor of depths.

@@ -30,6 +30,7 @@ from torch import nn
 
 from sequoia.drafts.heads import HeadsProposer, last_hidden
 from sequoia.drafts.trained import NO_TOKEN, DraftConfig, ReducedVocab, TrainedDraft, shift_right
+from sequoia.prepack import packed
 from sequoia.tree import Tree
 
 FUSE_INIT_SCALE = 0.1  # the fused input starts small next to the target state it is added to
@@ -162,6 +163,18 @@ class ChimeraDraft(TrainedDraft):
         return ChimeraProposer(self)
 
 
+@torch.no_grad()
+def folded_input(model: ChimeraDraft) -> nn.Linear:
+    """:meth:`ChimeraDraft.encoder_input` as one product over ``[e(t - 2), e(t - 1), e(t), state]``:
+    the trigram map is linear and enters the fuse layer linearly, so ``W_fuse[:, :d] W_trigram``
+    replaces both (formed in float32) -- at inference a level saves a product and a copy."""
+    d, dtype = model.config.hidden_size, model.fuse.weight.dtype
+    fuse, trigram = model.fuse.weight.float(), model.trigram.weight.float()
+    layer = nn.Linear(4 * d, d, bias=False, device=fuse.device, dtype=dtype)
+    layer.weight.copy_(torch.cat([fuse[:, :d] @ trigram, fuse[:, d:]], dim=1))
+    return layer
+
+
 def _shift_tokens(tokens: torch.Tensor, steps: int) -> torch.Tensor:  # [B, T] -> [B, T]
     pad = torch.full_like(tokens[:, :steps], NO_TOKEN)
     return torch.cat([pad, tokens[:, :-steps]], dim=1)
@@ -173,9 +186,18 @@ class ChimeraProposer(HeadsProposer):
 
     Keys and values live in one preallocated buffer: the accepted context's rows first, then a
     proposal's tree nodes (node ``j >= 1`` at row ``cached + j - 1``), which the next accepted
-    positions overwrite -- no copy of the context per level."""
+    positions overwrite -- no copy of the context per level. The input layers are folded into
+    one (:func:`folded_input`) when the proposer is made: train the model, then make a proposer."""
 
     model: ChimeraDraft
+
+    def __init__(self, model: ChimeraDraft) -> None:
+        super().__init__(model)
+        self._input = packed(folded_input(model))
+
+    def _encoder_input(self, prev2, prev1, tokens, state) -> torch.Tensor:  # as ChimeraDraft.encoder_input
+        embedded = self.model.embed(torch.stack([prev2, prev1, tokens], dim=-1)).flatten(-2)
+        return self._input(torch.cat([embedded, state.to(embedded)], dim=-1))
 
     def reset(self) -> None:
         self._keys: torch.Tensor | None = None  # [capacity, H, dh]
@@ -221,7 +243,7 @@ class ChimeraProposer(HeadsProposer):
             states[-take:] = hidden[-take:].to(weight)
         pos = torch.arange(start, length, device=seq.device)
         back = [torch.where(pos >= s, seq[(pos - s).clamp(min=0)], NO_TOKEN) for s in (2, 1)]
-        x = self.model.encoder_input(back[0], back[1], seq[start:], states)
+        x = self._encoder_input(back[0], back[1], seq[start:], states)
         q, k, v = self.model.encoder.project(x)
         self._reserve(length, k)
         self._keys[start:length], self._values[start:length] = k, v
@@ -236,7 +258,7 @@ class ChimeraProposer(HeadsProposer):
         else:
             parents = self._parents[nodes]
             prev1 = self._tokens[parents]
-            x = self.model.encoder_input(self._prev1[parents], prev1, self._tokens[nodes], self._states[parents])
+            x = self._encoder_input(self._prev1[parents], prev1, self._tokens[nodes], self._states[parents])
             self._prev1[nodes] = prev1
             rows = self._cached - 1 + nodes
             q, self._keys[rows], self._values[rows] = self.model.encoder.project(x)

@@ -63,17 +63,14 @@ class HeadsProposer(Proposer):
         probs = None if ctx.sampling.greedy else torch.zeros(tree.size, self.vocab.vocab_size, device=device)
         self._begin(ctx, tree, tokens)  # also for a bare root: a draft may keep the hidden states
         ids = self.vocab.ids.to(device)
-        for level in range(tree.depth):
-            nodes = torch.as_tensor(tree.levels[level], device=device)  # [m]
-            counts = torch.as_tensor(tree.num_children[list(tree.levels[level])], device=device)
-            parents = counts > 0
-            logits = self._level(level, nodes[parents])  # [p, r]
-            candidates, q = choose_candidates(logits.float(), int(counts.max()), ctx)  # [p, width] rows of r
-            width = torch.arange(candidates.shape[1], device=device)
+        for level, (parents, keep) in enumerate(tree.expansions):
+            parents, keep = parents.to(device), keep.to(device)  # [p], [p, width]
+            logits = self._level(level, parents)  # [p, r]
+            candidates, q = choose_candidates(logits.float(), keep.shape[1], ctx)  # [p, width] rows of r
             below = tree.levels[level + 1]
-            tokens[below[0] : below[-1] + 1] = ids[candidates][width < counts[parents][:, None]]
+            tokens[below[0] : below[-1] + 1] = ids[candidates][keep]
             if probs is not None:
-                probs[nodes[parents]] = self.vocab.to_full_probs(q)
+                probs[parents] = self.vocab.to_full_probs(q)
         return Draft(tokens, probs)
 
     def observe(self, step) -> None:

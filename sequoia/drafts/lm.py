@@ -56,20 +56,18 @@ class LMProposer(Proposer):
             return Draft(tokens, probs)
         logits = self._feed_pending(ctx.tokens[self._cached :].to(device))  # [1, vocab], the root's
         prefix_len = len(ctx.tokens) - 1
-        for level in range(tree.depth):
+        for level, (parents, keep) in enumerate(tree.expansions):
             nodes = tree.levels[level]
             if level:
                 span = tokens[nodes[0] : nodes[-1] + 1]
                 out = tree_forward(self.model, span, tree, self._cache, prefix_len, start=nodes[0])
                 logits = out.logits[0]  # [len(nodes), vocab]
-            counts = torch.as_tensor(tree.num_children[list(nodes)], device=device)  # [m]
-            parents = counts > 0
-            candidates, q = choose_candidates(logits[parents], int(counts.max()), ctx)  # [p, width], [p, vocab]
-            width = torch.arange(candidates.shape[1], device=device)
+            parents, keep = parents.to(device), keep.to(device)  # [p], [p, width]
+            candidates, q = choose_candidates(logits[parents - nodes[0]], keep.shape[1], ctx)  # [p, width], [p, vocab]
             below = tree.levels[level + 1]
-            tokens[below[0] : below[-1] + 1] = candidates[width < counts[parents][:, None]]
+            tokens[below[0] : below[-1] + 1] = candidates[keep]
             if probs is not None:
-                probs[torch.as_tensor(nodes, device=device)[parents]] = q
+                probs[parents] = q
         self._fed, self._prefix_len = tree.levels[tree.depth][0], prefix_len
         return Draft(tokens, probs)
 

@@ -136,7 +136,7 @@ def _show_card(card: dict) -> None:
     if costs:
         shown = [w for w in ("1", "2", "4", "8", "16") if w in costs]
         listed = ", ".join(f"{w} nodes {costs[w]:.2f}" for w in shown)
-        console.print(f"cost per tree level (ms, bfloat16, {ev.get('cost_threads', '?')} thread): {listed}")
+        console.print(f"cost per tree level (ms, bfloat16, {ev.get('cost_threads', '?')} threads): {listed}")
     acc = card.get("acceptance")
     if acc:
         vector = ", ".join(f"{p:.3f}" for p in acc["vector"])

@@ -30,7 +30,6 @@ from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 
 TOP = (1, 4)
-COST_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,14 @@ def level_costs(
     prefix: int = 256,
     repeats: int = 20,
     seed: int = 0,
-    threads: int | None = COST_THREADS,
+    threads: int | None = None,
 ) -> dict[int, float]:
     """Milliseconds per tree level of ``w`` nodes, for each ``w`` in ``widths`` (greedy; the
     minimum over ``repeats`` interleaved timings, which a busy machine inflates least).
 
-    ``threads`` sets torch's CPU threads while timing (None: leave them). One thread is the
-    default because a level is a few small matrix products: a second thread buys little, and
-    on a shared machine two threads waiting on each other inflate timings many times over.
+    ``threads`` sets torch's CPU threads while timing; the default leaves them as they are,
+    which is how the engine runs the draft and how a device profile times the target, so the
+    tree optimizer adds like to like.
     """
     saved = torch.get_num_threads()
     if threads is not None:
@@ -125,7 +124,7 @@ def evaluation_record(
         "cost_ms_per_level": {str(w): round(ms, 3) for w, ms in costs.items()},
         "cost_dtype": "bfloat16",
         "cost_device": str(device),
-        "cost_threads": COST_THREADS,
+        "cost_threads": torch.get_num_threads(),
     }
 
 

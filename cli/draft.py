@@ -142,5 +142,7 @@ def _show_card(card: dict) -> None:
         vector = ", ".join(f"{p:.3f}" for p in acc["vector"])
         tree = acc["optimal_tree"]
         console.print(f"acceptance ({acc['mode']}, T={acc['temperature']}, {acc['samples']} positions): [{vector}]")
+        for depth, (row, n) in enumerate(zip(acc.get("by_depth", [])[1:], acc.get("depth_samples", [])[1:]), start=2):
+            console.print(f"  depth {depth} ({n} positions): [{', '.join(f'{p:.3f}' for p in row)}]")
         console.print(f"optimal tree (<= {tree['max_size']} nodes, depth <= {tree['max_depth']}): "
                       f"{tree['expected_tokens_per_step']:.2f} tokens/step predicted")

@@ -113,7 +113,7 @@ def show(
     tree = Tree.load(file)
     vector = _acceptance(acceptance, p, required=False)
     if vector is None and "acceptance" in tree.meta:
-        vector = solver.validate_acceptance(tree.meta["acceptance"])
+        vector = solver.acceptance_by_depth(tree.meta["acceptance"])
     reach = None if vector is None else solver.reach_probabilities(tree, vector)
     if reach is not None:
         tree = _with_meta(tree, vector)

@@ -9,6 +9,11 @@ Measurement runs the decode engine itself with a one-level tree of ``width`` chi
 star), so the candidates are drawn and verified by exactly the rules decoding uses, for any
 proposer; each step is one sample, taken along the target's own continuation (greedy, or
 sampled: verification is lossless, so the path has the target's distribution).
+
+By depth: a draft with one head per tree level is less accurate deeper down, so for such a
+draft the vector is measured per depth with a *spine* tree -- ``width`` candidates under the
+root, and under the first candidate of each level ``width`` more -- counting depth ``k`` at
+the steps whose accepted path reached the depth-``(k - 1)`` spine node.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from sequoia.tree import Tree, read_json, write_json_atomic
 
 ACCEPTANCE_FORMAT = "sequoia-acceptance/1"
 MODES = ("greedy", "stochastic")
+MIN_DEPTH_SAMPLES = 30  # a deeper row measured on fewer positions is too noisy to solve with
 
 
 @dataclass(frozen=True)
@@ -113,17 +119,67 @@ def measure_counts(
 
     ``progress(done, total)`` is called after each prompt.
     """
-    if width < 1:
-        raise ConfigError(f"the acceptance width must be at least 1, got {width}")
-    star = Tree((-1,) + (0,) * width)
-    engine = Engine(target, proposer, star, sampling, eos_token_ids=eos_token_ids, seed=seed)
-    counts, samples = np.zeros(width, dtype=np.int64), 0
+    counts, samples = measure_counts_by_depth(
+        target, proposer, prompts, width, sampling, 1, max_new_tokens, eos_token_ids, seed, progress
+    )
+    return counts[0], int(samples[0])
+
+
+def rates_by_depth(
+    counts: np.ndarray, samples: np.ndarray, min_samples: int = MIN_DEPTH_SAMPLES
+) -> np.ndarray:  # [depths kept, width]
+    """Acceptance rates per depth from :func:`measure_counts_by_depth`'s counts, keeping the
+    first depth and each next one measured on at least ``min_samples`` positions (the solver
+    uses the last row for every depth below).
+
+    >>> rates_by_depth(np.array([[50, 10], [20, 5], [3, 1]]), np.array([100, 50, 20])).tolist()
+    [[0.5, 0.1], [0.4, 0.1]]
+    """
+    assert counts.ndim == 2 and samples.shape == counts.shape[:1]
+    kept = 1
+    while kept < len(samples) and samples[kept] >= min_samples:
+        kept += 1
+    return counts[:kept] / np.maximum(samples[:kept], 1)[:, None]
+
+
+def spine_tree(width: int, depth: int) -> Tree:
+    """``width`` candidates under the root and under the first candidate of each level.
+
+    >>> spine_tree(2, 2).parents
+    (-1, 0, 0, 1, 1)
+    """
+    if width < 1 or depth < 1:
+        raise ConfigError(f"the acceptance width and depth must be at least 1, got {width} and {depth}")
+    return Tree.from_children_counts([width] + ([width] + [0] * (width - 1)) * (depth - 1))
+
+
+def measure_counts_by_depth(
+    target: PreTrainedModel,
+    proposer: Proposer,
+    prompts: Sequence[torch.Tensor],  # each [L] int64
+    width: int,
+    sampling: SamplingConfig,
+    depth: int,
+    max_new_tokens: int = 64,
+    eos_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # ([depth, width] accepted per rank, [depth] samples)
+    """Decode every prompt with :func:`spine_tree`; at each depth ``k``, count the steps whose
+    path reached the depth-``(k - 1)`` spine node (samples) and the rank accepted below it."""
+    tree = spine_tree(width, depth)
+    spine = [level[0] for level in tree.levels]  # [depth + 1] node ids, the root first
+    engine = Engine(target, proposer, tree, sampling, eos_token_ids=eos_token_ids, seed=seed)
+    counts, samples = np.zeros((depth, width), dtype=np.int64), np.zeros(depth, dtype=np.int64)
     for i, ids in enumerate(prompts):
         for step in engine.generate(ids, max_new_tokens):
-            if len(step.tree) > 1:  # a tree cut to the root at a length limit tests nothing
-                samples += 1
-                if step.num_accepted:
-                    counts[int(step.tree.ranks[step.accepted_nodes[1]])] += 1
+            path = step.accepted_nodes
+            for k in range(1, step.tree.depth + 1):  # a tree cut at a length limit tests less
+                if len(path) < k or path[k - 1] != spine[k - 1]:
+                    break
+                samples[k - 1] += 1
+                if len(path) > k:
+                    counts[k - 1, int(step.tree.ranks[path[k]])] += 1
         if progress is not None:
             progress(i + 1, len(prompts))
     return counts, samples

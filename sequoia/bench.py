@@ -1,7 +1,9 @@
 """``sequoia bench``: measure -> solve -> decode, every method side by side; write ``results/``.
 
 For each sampling setting (greedy, and each temperature) the benchmark takes the acceptance
-vector (measured here on the benchmark prompts unless given), asks the optimizer for the
+vector (measured here on the benchmark prompts unless given; per tree depth for a trained
+draft, whose deeper heads are less accurate -- :func:`sequoia.acceptance.measure_counts_by_depth`),
+asks the optimizer for the
 fastest tree on the profiled device, builds the best chain, k-ary and k-chains trees of the
 same size, and runs them against Hugging Face ``generate`` (each dtype), assisted generation
 and prompt lookup on the same prompts, interleaved (:mod:`sequoia.methods`). The report holds
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sequoia.acceptance import measure_counts
+from sequoia.acceptance import measure_counts_by_depth, rates_by_depth
 from sequoia.drafts import LMProposer, Proposer, load_draft_model, make_proposer, resolve_draft
 from sequoia.drafts.trained import draft_limits
 from sequoia.engine import eos_token_ids
@@ -110,9 +112,12 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     for temperature in config.temperatures:
         sampling = SamplingConfig(temperature, config.top_p if temperature else 1.0)
         label = "greedy" if sampling.greedy else f"T={temperature:g}" + (f", top-p={config.top_p:g}" if config.top_p < 1 else "")
-        counts, samples = measure_counts(engine_main.model, factory(), prompts, config.acceptance_width, sampling,
-                                         config.acceptance_tokens, eos, config.seed)
-        setting = Setting(label, sampling, tuple((counts / max(samples, 1)).tolist()))
+        counts, samples = measure_counts_by_depth(
+            engine_main.model, factory(), prompts, config.acceptance_width, sampling,
+            1 if limits.max_depth is None else max(max_depth, 1), config.acceptance_tokens, eos, config.seed,
+        )
+        rates = rates_by_depth(counts, samples)
+        setting = Setting(label, sampling, rates if len(rates) > 1 else rates[0])
         choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=max_depth,
                         level_ms=limits.level_ms)
         tree = fixed_tree or choice.best.tree
@@ -125,7 +130,8 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "setting": label,
             "temperature": temperature,
             "top_p": sampling.top_p,
-            "acceptance": {"vector": list(setting.acceptance), "samples": samples},
+            "acceptance": {"vector": rates[0].tolist(), "samples": int(samples[0]),
+                           "by_depth": rates.tolist(), "depth_samples": samples.tolist()},
             "optimizer": {"size": choice.best.size, "depth": choice.best.depth,
                           "predicted_tokens_per_step": choice.best.expected_tokens,
                           "predicted_speedup": choice.speedup},
@@ -160,9 +166,14 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for sec in report["sections"]:
         opt = sec["optimizer"]
-        vec = ", ".join(f"{x:.3f}" for x in sec["acceptance"]["vector"][:4])
+        acc = sec["acceptance"]
+        vec = ", ".join(f"{x:.3f}" for x in acc["vector"][:4])
+        deeper = "".join(
+            f"; depth {k}: p[1] = {row[0]:.3f} ({n} positions)"
+            for k, (row, n) in enumerate(zip(acc.get("by_depth", [])[1:], acc.get("depth_samples", [])[1:]), start=2)
+        )
         lines += ["", f"## {sec['setting']}", "",
-                  f"Acceptance p[1..4] = {vec} ({sec['acceptance']['samples']} positions); optimizer: "
+                  f"Acceptance p[1..4] = {vec} ({acc['samples']} positions){deeper}; optimizer: "
                   f"{opt['size']} nodes, depth {opt['depth']}, predicted {opt['predicted_tokens_per_step']:.2f} "
                   f"tokens/step, {opt['predicted_speedup']:.2f}x", "",
                   "| method | tokens/s | speed-up | tokens/step | predicted |", "|---|---|---|---|---|"]

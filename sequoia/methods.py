@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -143,7 +144,7 @@ def tree_methods(
     target: PreTrainedModel,
     proposer_factory: Callable[[], Proposer],
     sequoia_tree: Tree,
-    acceptance: Sequence[float],
+    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
     sampling: SamplingConfig,
     eos: Sequence[int],
     group: str,
@@ -231,11 +232,11 @@ def summarize(results: Sequence[MethodResult], baseline_names: Sequence[str]) ->
 
 @dataclass(frozen=True)
 class Setting:
-    """One sampling setting of a benchmark and the acceptance vector measured for it."""
+    """One sampling setting of a benchmark and the acceptance measured for it."""
 
     label: str  # "greedy", "T=0.6", ...
     sampling: SamplingConfig
-    acceptance: tuple[float, ...]
+    acceptance: np.ndarray  # [k] one vector, or [L, k] one row per tree depth
 
 
 def setting_methods(

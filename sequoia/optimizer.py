@@ -88,7 +88,7 @@ def evaluate(tree: Tree, expected: float, target_ms: LatencyFn, draft_ms: Latenc
 
 
 def choose_tree(
-    acceptance: Sequence[float],
+    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
     target_ms: LatencyFn,
     draft_ms: LatencyFn,
     max_size: int,
@@ -126,7 +126,7 @@ def choose_tree(
 
 def choose(
     profile: Profile,
-    acceptance: Sequence[float],
+    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
     prefix_len: int = 256,
     draft_profile: Profile | None = None,
     max_size: int | None = None,

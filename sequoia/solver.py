@@ -15,6 +15,12 @@ rank ``r`` with ``t`` nodes adds ``p[r] * F[d-1][t]``. ``H_r[s]``, the best tota
 ``H_{r+1}[s] = max_t H_r[s - t] + p[r] * F[d-1][t]``, and ``F[d][m] = 1 + max_c H_c[m - 1]``.
 One vectorised convolution per (depth, rank) fills the whole table.
 
+Acceptance by depth. ``p`` may also be a matrix, row ``i`` the vector of candidates at depth
+``i + 1`` (deeper: the last row): a draft with one head per level is less accurate deeper down,
+and one vector would overrate deep trees. Within one pass with depth limit ``D`` the table's
+depth ``d`` is the absolute depth ``D - d``, so each limit gets its own pass (``D`` times the
+work: fine for the few levels such a draft has).
+
 Example::
 
     >>> table = solve([0.6, 0.2], max_size=4, max_depth=2)
@@ -70,16 +76,45 @@ def validate_acceptance(p: Sequence[float] | np.ndarray) -> np.ndarray:  # -> [k
     return arr
 
 
-def reach_probabilities(tree: Tree, p: Sequence[float] | np.ndarray) -> np.ndarray:  # -> [n]
-    """Probability that each node is reached (accepted along with its whole root path).
+def acceptance_by_depth(p: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:  # -> [L, k]
+    """An acceptance vector (one row, every depth) or matrix (row ``i``: depth ``i + 1``),
+    checked, as a float64 matrix.
+
+    >>> acceptance_by_depth([0.6, 0.2]).tolist()
+    [[0.6, 0.2]]
+    """
+    try:
+        arr = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise AcceptanceError("the acceptance vector must be a list of numbers (or of lists, one per depth)") from None
+    if arr.ndim == 1:
+        return validate_acceptance(arr)[None, :]
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise AcceptanceError(f"acceptance by depth must be a matrix (one row per depth), got shape {arr.shape}")
+    for depth, row in enumerate(arr, start=1):
+        try:
+            validate_acceptance(row)
+        except AcceptanceError as exc:
+            raise AcceptanceError(f"depth {depth}: {exc}") from None
+    return arr
+
+
+def reach_probabilities(
+    tree: Tree, p: Sequence[float] | Sequence[Sequence[float]] | np.ndarray
+) -> np.ndarray:  # -> [n]
+    """Probability that each node is reached (accepted along with its whole root path);
+    ``p``: a vector or one row per depth (see the module docstring).
 
     >>> reach_probabilities(Tree((-1, 0, 0, 1)), [0.5, 0.25]).tolist()
     [1.0, 0.5, 0.25, 0.25]
+    >>> reach_probabilities(Tree((-1, 0, 0, 1)), [[0.5, 0.25], [0.2, 0.0]]).tolist()
+    [1.0, 0.5, 0.25, 0.1]
     """
-    p = validate_acceptance(p)
-    edge = np.zeros(max(int(tree.ranks.max()) + 1, p.size))  # [max(rank + 1, k)]
-    edge[: p.size] = p
-    edge = edge[tree.ranks]  # [n] probability of each node's incoming edge
+    rows = acceptance_by_depth(p)  # [L, k]
+    table = np.zeros((rows.shape[0], max(int(tree.ranks.max()) + 1, rows.shape[1])))
+    table[:, : rows.shape[1]] = rows
+    depth_row = np.minimum(np.maximum(tree.depths, 1), rows.shape[0]) - 1  # [n] the root's is unused
+    edge = table[depth_row, tree.ranks]  # [n] probability of each node's incoming edge
     parents = np.asarray(tree.parents)
     reach = np.ones(tree.size)  # [n]
     for level in tree.levels[1:]:  # BFS: a level's parents are all filled in already
@@ -88,7 +123,7 @@ def reach_probabilities(tree: Tree, p: Sequence[float] | np.ndarray) -> np.ndarr
     return reach
 
 
-def expected_tokens(tree: Tree, p: Sequence[float] | np.ndarray) -> float:
+def expected_tokens(tree: Tree, p: Sequence[float] | Sequence[Sequence[float]] | np.ndarray) -> float:
     """Expected tokens per step (the bonus/root token included) of any tree.
 
     >>> expected_tokens(Tree((-1, 0, 0, 1)), [0.5, 0.25])
@@ -106,13 +141,14 @@ class SolveTable:
     reaching it. Both are non-decreasing in ``m`` and ``d``.
     """
 
-    acceptance: np.ndarray  # [k] float64
+    acceptance: np.ndarray  # [k] float64, or [L, k] by depth
     values: np.ndarray  # [max_size + 1, max_depth + 1] float64
     sizes: np.ndarray  # [max_size + 1, max_depth + 1] int64
-    # Back-pointers of the exact-size table, for reconstruction. Depths past max_size - 1 add
-    # nothing, so only depths 0..min(max_depth, max_size - 1) are stored.
-    children: np.ndarray = field(repr=False)  # [stored depths, max_size + 1] best child count
-    split: np.ndarray = field(repr=False)  # [stored depths, ranks, max_size] rank r's subtree size
+    # Back-pointers of the exact-size tables, for reconstruction: one pass serves every depth
+    # limit, or (acceptance by depth) one pass per limit. Depths past max_size - 1 add nothing,
+    # so only depths 0..min(max_depth, max_size - 1) are stored.
+    children: np.ndarray = field(repr=False)  # [passes, stored depths, max_size + 1] best child count
+    split: np.ndarray = field(repr=False)  # [passes, stored depths, ranks, max_size] rank r's subtree size
 
     @property
     def max_size(self) -> int:
@@ -131,12 +167,15 @@ class SolveTable:
                 f"(size {size}, depth {depth}) is outside the solved table "
                 f"(sizes 1..{self.max_size}, depths 0..{self.max_depth})"
             )
-        specs = [(int(self.sizes[size, depth]), min(depth, self.children.shape[0] - 1))]
+        stored = self.children.shape[1]
+        passed = 0 if self.children.shape[0] == 1 else min(depth, stored - 1)
+        children, split = self.children[passed], self.split[passed]
+        specs = [(int(self.sizes[size, depth]), min(depth, stored - 1))]
         parents = [-1]
         for node, (m, d) in enumerate(specs):  # grows while iterating: BFS order for free
             child_sizes, s = [], m - 1
-            for r in reversed(range(self.children[d, m])):
-                child_sizes.append(int(self.split[d, r, s]))
+            for r in reversed(range(children[d, m])):
+                child_sizes.append(int(split[d, r, s]))
                 s -= child_sizes[-1]
             specs.extend((t, d - 1) for t in reversed(child_sizes))
             parents.extend([node] * len(child_sizes))
@@ -154,62 +193,87 @@ class SolveTable:
 
 
 def solve(
-    p: Sequence[float] | np.ndarray,
+    p: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
     max_size: int,
     max_depth: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> SolveTable:
     """Solve for the optimal tree of every size ``<= max_size`` and depth ``<= max_depth``.
 
+    ``p``: one acceptance vector, or one row per depth (see the module docstring).
     ``progress(done, total)`` is called after each depth. Time grows as
     ``depth * len(p) * max_size**2`` (vectorised): 512 nodes, depth 32 and 16 ranks take
-    about 0.25 s on a 2-core CPU.
+    about 0.25 s on a 2-core CPU; by depth, ``depth**2 / 2`` instead of ``depth``.
 
     >>> t = solve([0.5, 0.3], max_size=3, max_depth=5)
     >>> float(t.values[3, 5]), t.tree(3, 5).parents, float(t.values[3, 1])
     (1.8, (-1, 0, 0), 1.8)
+    >>> solve([[0.5, 0.3], [0.9, 0.0]], max_size=3, max_depth=2).tree(3, 2).parents  # deep is better
+    (-1, 0, 1)
     """
-    p = validate_acceptance(p)
+    rows = acceptance_by_depth(p)  # [L, k]
     if int(max_size) < 1:
         raise ConfigError(f"the size budget must be at least 1 (the root), got {max_size}")
     if int(max_depth) < 0:
         raise ConfigError(f"the depth limit must be at least 0, got {max_depth}")
     n, depth_limit = int(max_size), int(max_depth)
     stored = min(depth_limit, n - 1) + 1  # deeper than n - 1 edges is impossible
-    ranks = min(p.size, n - 1)
-    if max(n * n, stored * ranks * n) > MAX_TABLE_CELLS:
+    by_depth = bool((rows != rows[:1]).any())
+    passes, ranks = (stored if by_depth else 1), min(rows.shape[1], n - 1)
+    if max(n * n, passes * stored * ranks * n) > MAX_TABLE_CELLS:
         raise ConfigError(
-            f"a table for size {n}, depth {depth_limit} and {p.size} ranks is too large to solve "
-            "here; lower the budget, the depth limit or the acceptance vector's length"
+            f"a table for size {n}, depth {depth_limit} and {rows.shape[1]} ranks is too large to "
+            "solve here; lower the budget, the depth limit or the acceptance vector's length"
         )
-    children = np.zeros((stored, n + 1), dtype=np.int32)
-    split = np.zeros((stored, ranks, n), dtype=np.int32)
-    exact = np.full((n + 1, stored), -np.inf)  # exact[m, d]: best with exactly m nodes
+    children = np.zeros((passes, stored, n + 1), dtype=np.int32)
+    split = np.zeros((passes, stored, ranks, n), dtype=np.int32)
+    if by_depth:  # the pass for limit D: table depth d is absolute depth D - d
+        exact = np.full((n + 1, stored), -np.inf)
+        for limit in range(stored):
+            row = [rows[min(limit - d, len(rows) - 1), :ranks] for d in range(limit + 1)]
+            exact[:, limit] = _fill(row, n, children[limit], split[limit])[:, limit]
+            if progress is not None:
+                progress(limit, stored - 1)
+    else:
+        exact = _fill([rows[0, :ranks]] * stored, n, children[0], split[0], progress)
+    exact = exact[:, np.minimum(np.arange(depth_limit + 1), stored - 1)]
+    values = np.maximum.accumulate(exact, axis=0)
+    record = np.zeros_like(exact, dtype=bool)
+    record[1:] = exact[1:] > values[:-1]  # first size reaching each new best
+    sizes = np.maximum.accumulate(np.where(record, np.arange(n + 1)[:, None], 0), axis=0)
+    return SolveTable(rows[0] if len(rows) == 1 else rows, values, sizes, children, split)
+
+
+def _fill(
+    p_at: Sequence[np.ndarray],  # [depths] the children's vector of a subtree at table depth d
+    n: int,
+    children: np.ndarray,  # [>= depths, n + 1] out: best child count
+    split: np.ndarray,  # [>= depths, ranks, n] out: rank r's subtree size
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:  # [n + 1, depths] exact[m, d]: best with exactly m nodes and depth <= d
+    """The exact-size table of the module docstring's recursion, depth by depth."""
+    depths = len(p_at)
+    exact = np.full((n + 1, depths), -np.inf)
     exact[1, :] = 1.0
     buf = np.empty((n, n))
     rows = np.arange(n)
-    for d in range(1, stored):
+    for d in range(1, depths):
         below = exact[:n, d - 1]  # [n] best subtree of t nodes, depth <= d - 1 (t = 0: -inf)
         feasible = np.isfinite(below)
         finite = np.where(feasible, below, 0.0)  # [n] so that p[r] = 0 never meets -inf
         h = np.full(n, -np.inf)  # [n] H_0: no children, 0 nodes
         h[0] = 0.0
         best = h.copy()  # [n] max over child counts so far
-        for r in range(ranks):
-            weighted = np.where(feasible, p[r] * finite, -np.inf)  # [n]
+        for r, p_r in enumerate(p_at[d]):
+            weighted = np.where(feasible, p_r * finite, -np.inf)  # [n]
             h, split[d, r] = _maxplus(h, weighted, buf, rows)
             better = h > best  # strict: ties keep fewer children
             best[better] = h[better]
             children[d, 1:][better] = r + 1
         exact[1:, d] = 1.0 + best
         if progress is not None:
-            progress(d, stored - 1)
-    exact = exact[:, np.minimum(np.arange(depth_limit + 1), stored - 1)]
-    values = np.maximum.accumulate(exact, axis=0)
-    record = np.zeros_like(exact, dtype=bool)
-    record[1:] = exact[1:] > values[:-1]  # first size reaching each new best
-    sizes = np.maximum.accumulate(np.where(record, np.arange(n + 1)[:, None], 0), axis=0)
-    return SolveTable(p, values, sizes, children, split)
+            progress(d, depths - 1)
+    return exact
 
 
 def _maxplus(
@@ -282,10 +346,10 @@ def chains(k: int, depth: int) -> Tree:
     return topk_per_level(shape_widths("chains", k, depth))
 
 
-def _candidates(shape: str, p: np.ndarray, max_size: int, max_depth: int) -> list[list[int]]:
-    """Every member of a baseline family within the budget (widths beyond ``len(p)`` only add
-    zero-probability nodes, so they are never better)."""
-    widths = [1] if shape == "chain" else range(2, max(2, p.size) + 1)
+def _candidates(shape: str, rows: np.ndarray, max_size: int, max_depth: int) -> list[list[int]]:
+    """Every member of a baseline family within the budget (widths beyond the vector's length
+    only add zero-probability nodes, so they are never better)."""
+    widths = [1] if shape == "chain" else range(2, max(2, rows.shape[1]) + 1)
     found = [[]]  # the root alone belongs to every family
     for k in widths:
         for depth in range(1, max_depth + 1):
@@ -301,32 +365,37 @@ def _level_size(levels: Sequence[int]) -> int:
     return 1 + sum(prod(levels[: i + 1]) for i in range(len(levels)))
 
 
-def _family_value(levels: Sequence[int], p: np.ndarray) -> float:
+def _family_value(levels: Sequence[int], rows: np.ndarray) -> float:
     """Expected tokens of :func:`topk_per_level` without building it: level ``L`` holds the
-    reach mass ``prod_{i<L} sum(p[:widths[i]])``."""
-    cumulative = np.concatenate([[0.0], np.cumsum(p)])  # [k + 1]
-    mass = np.cumprod([cumulative[min(w, p.size)] for w in levels])
+    reach mass ``prod_{i<L} sum(p_i[:widths[i]])`` (``p_i``: the row of depth ``i + 1``)."""
+    cumulative = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(rows, axis=1)], axis=1)  # [L, k + 1]
+    last, k = len(rows) - 1, rows.shape[1]
+    mass = np.cumprod([cumulative[min(i, last), min(w, k)] for i, w in enumerate(levels)])
     return 1.0 + float(mass.sum())
 
 
-def best_baseline(shape: str, p: Sequence[float] | np.ndarray, max_size: int, max_depth: int) -> Tree:
-    """The best tree of one baseline family within a size budget and depth limit.
+def best_baseline(
+    shape: str, p: Sequence[float] | Sequence[Sequence[float]] | np.ndarray, max_size: int, max_depth: int
+) -> Tree:
+    """The best tree of one baseline family within a size budget and depth limit (``p``: a
+    vector or one row per depth).
 
     >>> best_baseline("chains", [0.5, 0.3], max_size=5, max_depth=4).parents
     (-1, 0, 0, 1, 2)
     """
-    p = validate_acceptance(p)
+    rows = acceptance_by_depth(p)
     if max_size < 1 or max_depth < 0:
         raise ConfigError(f"need a size budget >= 1 and depth >= 0, got {max_size} and {max_depth}")
-    levels = max(_candidates(shape, p, max_size, max_depth), key=lambda w: _family_value(w, p))
+    levels = max(_candidates(shape, rows, max_size, max_depth), key=lambda w: _family_value(w, rows))
     tree = topk_per_level(levels)
+    p = rows[0] if len(rows) == 1 else rows
     meta = {"acceptance": p.tolist(), "budget": max_size, "max_depth": max_depth, "shape": shape,
             "expected_tokens": expected_tokens(tree, p)}
     return Tree(tree.parents, meta)
 
 
 def scaling_table(
-    p: Sequence[float] | np.ndarray, max_size: int, max_depth: int, table: SolveTable | None = None
+    p: Sequence[float] | Sequence[Sequence[float]] | np.ndarray, max_size: int, max_depth: int, table: SolveTable | None = None
 ) -> dict[str, np.ndarray]:
     """Best expected tokens for sizes ``1..max_size`` (each ``[max_size]``): the optimal tree
     (``"sequoia"``) against the best chain, k-ary and k-chains tree within each budget.
@@ -334,13 +403,13 @@ def scaling_table(
     >>> scaling_table([0.5, 0.3], 3, 2)["chain"].tolist()
     [1.0, 1.5, 1.75]
     """
-    p = validate_acceptance(p)
-    table = solve(p, max_size, max_depth) if table is None else table
+    rows = acceptance_by_depth(p)
+    table = solve(rows, max_size, max_depth) if table is None else table
     out = {"sequoia": table.values[1:, max_depth]}
     for shape in SHAPES:
         best = np.full(max_size + 1, -np.inf)  # [max_size + 1] indexed by size
-        for levels in _candidates(shape, p, max_size, max_depth):
+        for levels in _candidates(shape, rows, max_size, max_depth):
             size = _level_size(levels)
-            best[size] = max(best[size], _family_value(levels, p))
+            best[size] = max(best[size], _family_value(levels, rows))
         out[shape] = np.maximum.accumulate(best)[1:]
     return out

@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from sequoia.acceptance import ACCEPTANCE_FORMAT, AcceptanceResult
+from sequoia.acceptance import ACCEPTANCE_FORMAT, AcceptanceResult, measure_counts, measure_counts_by_depth
+from sequoia.drafts.lm import LMProposer
+from sequoia.sampling import SamplingConfig
 from sequoia.errors import AcceptanceError, FileFormatError
 
 FIELDS = dict(target="t", draft="d", mode="greedy", temperature=0.0, top_p=1.0, prompts="builtin")
@@ -38,3 +41,29 @@ def test_bad_files(tmp_path, doc, error, match):
     path.write_text(json.dumps(doc))
     with pytest.raises(error, match=match):
         AcceptanceResult.load(path)
+
+
+# ---------------------------------------------------------------------- measurement
+PROMPTS = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6])]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_draft_equal_to_the_target_is_always_accepted_at_every_depth(tiny_target, temperature):
+    counts, samples = measure_counts_by_depth(
+        tiny_target, LMProposer(tiny_target), PROMPTS, 3, SamplingConfig(temperature), depth=3, max_new_tokens=12
+    )
+    assert counts.shape == (3, 3) and np.all(samples > 0)
+    assert counts[:, 0].tolist() == samples.tolist() and counts[:, 1:].sum() == 0
+
+
+def test_depths_are_counted_only_below_an_accepted_spine(tiny_target, tiny_draft):
+    counts, samples = measure_counts_by_depth(
+        tiny_target, LMProposer(tiny_draft), PROMPTS, 4, SamplingConfig(), depth=3, max_new_tokens=24
+    )
+    assert np.all(counts.sum(axis=1) <= samples) and samples[0] >= samples[1] >= samples[2]
+    # depth k + 1 is sampled when depth k accepted its rank-0 (spine) candidate, unless the
+    # tree was cut at a length limit (the last steps of a prompt)
+    cut = counts[:-1, 0] - samples[1:]
+    assert np.all(cut >= 0) and cut.sum() <= len(PROMPTS) * 2
+    star, star_samples = measure_counts(tiny_target, LMProposer(tiny_draft), PROMPTS, 4, SamplingConfig(), 24)
+    assert star.sum() <= star_samples and star.shape == (4,)

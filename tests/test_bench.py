@@ -93,7 +93,8 @@ def test_report_files(tmp_path):
         "prompts": ["a"],
         "notes": ["hf-assisted not run: the draft 'ngram' is not a causal LM"],
         "sections": [{
-            "setting": "greedy", "acceptance": {"vector": [0.5], "samples": 10},
+            "setting": "greedy",
+            "acceptance": {"vector": [0.5], "samples": 10, "by_depth": [[0.5], [0.25]], "depth_samples": [10, 5]},
             "optimizer": {"size": 3, "depth": 2, "predicted_tokens_per_step": 1.75, "predicted_speedup": 1.4},
             "summary": [
                 {"method": "generate float32", "tokens_per_s": 10.0, "tokens_per_s_min": 9.0, "tokens_per_s_max": 11.0,
@@ -107,6 +108,7 @@ def test_report_files(tmp_path):
     }
     text = markdown(report)
     assert "| sequoia (3 nodes, depth 2) | 14.0 (13.0–15.0) | 1.40x | 1.70 | 1.75 |" in text
+    assert "depth 2: p[1] = 0.250 (5 positions)" in text
     assert "all methods, every prompt" in text
     assert "Note: hf-assisted not run" in text
     paths = write_report(report, tmp_path / "run")
@@ -142,6 +144,9 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     report = benchmark(config)
     (section,) = report["sections"]
     assert 1 <= section["optimizer"]["depth"] <= 2
+    acceptance = section["acceptance"]  # measured per depth for a draft with one head per level
+    assert len(acceptance["depth_samples"]) == 2 and acceptance["by_depth"][0] == acceptance["vector"]
+    assert acceptance["samples"] == acceptance["depth_samples"][0] >= acceptance["depth_samples"][1]
     trees = [name for name in section["runs"] if "nodes, depth" in name]
     assert len(trees) == 4 and all(int(name.split("depth ")[1].rstrip(")")) <= 2 for name in trees), trees
     assert {"generate float32", "hf-assisted", "hf-prompt-lookup"} <= set(section["runs"])

@@ -83,11 +83,15 @@ def _all_trees() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _brute_values(p: np.ndarray) -> np.ndarray:  # [BRUTE + 1, BRUTE] best over all trees
+    """``p``: a vector, or one row per depth (deeper: the last row)."""
     sizes, depths, table = _all_trees()
-    factors = np.zeros(BRUTE_MAX_NODES + 2)
-    factors[: p.size] = p
-    factors[BRUTE_MAX_NODES] = 1.0
-    values = np.prod(factors[table], axis=2).sum(axis=1)  # [trees]
+    rows, positions = np.atleast_2d(p), table.shape[2]
+    factors = np.zeros((positions, BRUTE_MAX_NODES + 2))  # [path position = depth - 1, index]
+    for j in range(positions):
+        row = rows[min(j, len(rows) - 1)]
+        factors[j, : row.size] = row
+    factors[:, BRUTE_MAX_NODES] = 1.0
+    values = np.prod(factors[np.arange(positions), table], axis=2).sum(axis=1)  # [trees]
     best = np.full((BRUTE_MAX_NODES + 1, BRUTE_MAX_NODES), -np.inf)
     for m in range(1, BRUTE_MAX_NODES + 1):
         for d in range(BRUTE_MAX_NODES):
@@ -121,6 +125,34 @@ def test_dp_equals_exhaustive_enumeration(p: np.ndarray) -> None:
             assert tree.size == table.sizes[m, d] <= m and tree.depth <= d
             assert expected_tokens(tree, p) == pytest.approx(table.values[m, d], rel=1e-9)
             assert tree.meta["expected_tokens"] == table.values[m, d]
+
+
+def _stacked(vectors: list[np.ndarray]) -> np.ndarray:  # [depths, width], zero-padded
+    width = max(v.size for v in vectors)
+    return np.array([np.pad(v, (0, width - v.size)) for v in vectors])
+
+
+by_depth_matrices = st.integers(2, 4).flatmap(
+    lambda depths: st.lists(acceptance_vectors, min_size=depths, max_size=depths).map(_stacked)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(by_depth_matrices)
+def test_dp_by_depth_equals_exhaustive_enumeration(p: np.ndarray) -> None:
+    table = solve(p, BRUTE_MAX_NODES, BRUTE_MAX_NODES - 1)
+    np.testing.assert_allclose(table.values[1:], _brute_values(p)[1:], rtol=1e-9)
+    for m in range(1, BRUTE_MAX_NODES + 1):
+        for d in range(BRUTE_MAX_NODES):
+            tree = table.tree(m, d)
+            assert tree.size == table.sizes[m, d] <= m and tree.depth <= d
+            assert expected_tokens(tree, p) == pytest.approx(table.values[m, d], rel=1e-9)
+
+
+def test_equal_rows_by_depth_are_one_vector() -> None:
+    p = [0.5, 0.2, 0.1]
+    one, rows = solve(p, 12, 4), solve([p, p, p], 12, 4)
+    assert np.array_equal(one.values, rows.values) and rows.tree(12, 4).parents == one.tree(12, 4).parents
 
 
 def test_dp_respects_unsorted_vectors_and_rank_contiguity() -> None:
@@ -202,7 +234,8 @@ def test_large_table_sanity_speed() -> None:
         ([float("inf")], "entry #1 is inf"),
         ([0.7, 0.4], "sums to 1.1 > 1"),
         ([], "empty"),
-        ([[0.1], [0.2]], "one-dimensional"),
+        ([[0.1, 0.2], [0.7, 0.4]], "depth 2: the acceptance vector sums to 1.1 > 1"),
+        ([[[0.1]]], "one row per depth"),
         (["a"], "list of numbers"),
     ],
 )
@@ -252,7 +285,7 @@ def test_bad_baselines_raise(call, words: str) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(acceptance_vectors, st.sampled_from(solver.SHAPES), st.integers(1, 40), st.integers(0, 6))
+@given(acceptance_vectors | by_depth_matrices, st.sampled_from(solver.SHAPES), st.integers(1, 40), st.integers(0, 6))
 def test_best_baseline_and_scaling_agree_with_expected_tokens(p, shape, size, depth) -> None:
     tree = best_baseline(shape, p, size, depth)
     assert tree.size <= size and tree.depth <= depth

@@ -149,9 +149,10 @@ def measure_acceptance(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The draft's positional acceptance vector on the built-in prompts (stochastic at
-    ``temperature``, greedy at 0) and the tokens per step the optimal tree of at most
-    ``max_size`` nodes and the draft's depth predicts: the card's ``acceptance`` entry."""
-    from sequoia.acceptance import AcceptanceResult, measure_counts
+    ``temperature``, greedy at 0), per tree depth (``by_depth``: its heads differ), and the
+    tokens per step the optimal tree of at most ``max_size`` nodes and the draft's depth
+    predicts with it: the card's ``acceptance`` entry."""
+    from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth, rates_by_depth
     from sequoia.engine import eos_token_ids
     from sequoia.prompts import load_prompts, render_prompt
     from sequoia.solver import solve
@@ -159,15 +160,19 @@ def measure_acceptance(
     proposer = load_trained_proposer(spec, loaded.model)
     prompts = load_prompts("builtin", limit)
     ids = [torch.tensor(render_prompt(loaded.tokenizer, p.text, True)) for p in prompts]
-    counts, samples = measure_counts(
-        loaded.model, proposer, ids, width, SamplingConfig(temperature), max_new_tokens,
+    depth = proposer.max_depth
+    counts, samples = measure_counts_by_depth(
+        loaded.model, proposer, ids, width, SamplingConfig(temperature), depth, max_new_tokens,
         eos_token_ids(loaded.model, loaded.tokenizer), seed, progress,
     )
     mode = "greedy" if temperature == 0 else "stochastic"
     result = AcceptanceResult.from_counts(
-        counts, samples, target=loaded.name, draft=str(spec), mode=mode, temperature=temperature, top_p=1.0,
-        prompts=f"builtin ({len(prompts)} prompts, {max_new_tokens} tokens each)",
+        counts[0], int(samples[0]), target=loaded.name, draft=str(spec), mode=mode, temperature=temperature,
+        top_p=1.0, prompts=f"builtin ({len(prompts)} prompts, {max_new_tokens} tokens each)",
     )
-    depth = proposer.max_depth
-    predicted = float(solve(result.vector, max_size, depth).values[max_size, depth])
-    return {**result.to_json(), "optimal_tree": {"max_size": max_size, "max_depth": depth, "expected_tokens_per_step": round(predicted, 4)}}
+    rates = rates_by_depth(counts, samples)
+    predicted = float(solve(rates, max_size, depth).values[max_size, depth])
+    return {
+        **result.to_json(), "by_depth": rates.tolist(), "depth_samples": samples.tolist(),
+        "optimal_tree": {"max_size": max_size, "max_depth": depth, "expected_tokens_per_step": round(predicted, 4)},
+    }

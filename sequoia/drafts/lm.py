@@ -103,7 +103,7 @@ def choose_candidates(
     """Each row's children: its top-``width`` tokens when greedy, else ``width`` draws from the
     processed distribution ``q`` (with or without replacement, as ``ctx`` says)."""
     if ctx.sampling.greedy:
-        if width == 1:  # max is ~3x cheaper than topk (or argmax) on CPU
+        if width == 1:  # max is ~2.5x cheaper than topk (or argmax) on CPU, measured here
             return logits.max(dim=-1, keepdim=True).indices, None
         return logits.topk(width, dim=-1).indices, None
     q = logits_to_probs(logits, ctx.sampling)

@@ -52,7 +52,7 @@ def data(
 @app.command()
 @handles_errors
 def train(
-    data: Path = typer.Option(..., "--data", help="Data store from `sequoia draft data`."),
+    data: list[Path] = typer.Option(..., "--data", help="Data store from `sequoia draft data` (repeat to pool several)."),
     out: Path = typer.Option(..., "--out", help="Draft directory to write (card.json + draft.safetensors)."),
     kind: str = typer.Option("mlp", "--kind", help="mlp (IBM MLP speculator) or chimera."),
     work: Path | None = typer.Option(None, "--work", help="Cached target features + checkpoint [default: OUT.work]."),
@@ -72,14 +72,14 @@ def train(
 ) -> None:
     """Train a draft on the target's own hidden states (resumes from the work directory)."""
     settings = TrainSettings(kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes)
-    store = open_training_data(data)
+    stores = open_training_data(data)
     work = work or out.with_name(out.name + ".work")
     if fresh:
         discard_checkpoint(work)
     with console.status(f"loading {target}"):
         loaded = load_model(target, dtype=dtype, device=device, threads=threads)
     with progress_bar("training") as update:
-        card = train_from_store(loaded, store, out, work, settings, eos_token_ids(loaded.model, loaded.tokenizer), held_out_tokens, update)
+        card = train_from_store(loaded, stores, out, work, settings, eos_token_ids(loaded.model, loaded.tokenizer), held_out_tokens, update)
     _show_card(card)
     t = card["training"]
     console.print(f"wrote {out} ({t['steps']} steps, {t['minutes']} min, {t['data_positions']:,} training positions)")

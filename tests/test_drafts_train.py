@@ -184,20 +184,40 @@ def test_empty_store_and_store_of_another_target(tiny_target, tmp_path):
     settings = Manifest(target="tiny", dtype="float32", temperature=1.0, top_p=1.0, max_new_tokens=8)
     DataStore.open_or_create(tmp_path / "s", settings)
     with pytest.raises(ConfigError, match="empty"):
-        open_training_data(tmp_path / "s")
+        open_training_data([tmp_path / "s"])
     with pytest.raises(FileFormatError, match="sequoia draft data"):
-        open_training_data(tmp_path / "nothing")
+        open_training_data([tmp_path / "nothing"])
+    with pytest.raises(ConfigError, match="at least one"):
+        open_training_data([])
     store = DataStore.open(tmp_path / "s")
     store.append([np.arange(1, 9)], [3], seconds=1.0, prompts=1)
     cache = FeatureCache(tmp_path / "work", loaded(tiny_target))
-    assert cache.train(store).generated_positions == 5
-    assert cache.train(store).generated_positions == 5  # read back from the cache
+    assert cache.train([store]).generated_positions == 5
+    assert cache.train([store]).generated_positions == 5  # read back from the cache
     with pytest.raises(ConfigError, match="sampled from tiny"):
-        FeatureCache(tmp_path / "work2", loaded(tiny_target, "other")).train(store)
+        FeatureCache(tmp_path / "work2", loaded(tiny_target, "other")).train([store])
     with pytest.raises(ConfigError, match="another target"):
         FeatureCache(tmp_path / "work", loaded(tiny_llama(hidden_size=48), "tiny"))
     with pytest.raises(ConfigError, match="budget"):
         TrainSettings(minutes=None)
+
+
+def test_stores_are_pooled_and_cached_apart(tiny_target, tmp_path):
+    sampled = Manifest(target="tiny", dtype="float32", temperature=1.0, top_p=1.0, max_new_tokens=8)
+    greedy = Manifest(target="tiny", dtype="float32", temperature=0.0, top_p=1.0, max_new_tokens=8)
+    a = DataStore.open_or_create(tmp_path / "a", sampled)
+    a.append([np.arange(1, 9)], [3], seconds=1.0, prompts=1)
+    b = DataStore.open_or_create(tmp_path / "b", greedy)
+    b.append([np.arange(2, 8), np.arange(3, 12)], [2, 4], seconds=1.0, prompts=2)
+    cache = FeatureCache(tmp_path / "work", loaded(tiny_target))
+    pooled = cache.train(open_training_data([tmp_path / "a", tmp_path / "b"]))
+    assert pooled.num_sequences == 3 and pooled.generated_positions == 5 + 4 + 5
+    assert pooled.tokens[8:14].tolist() == list(range(2, 8))  # b's first sequence follows a's
+    assert torch.equal(pooled.hidden, cache.train([a, b]).hidden)  # read back from the cache
+    clash = DataStore.open_or_create(tmp_path / "elsewhere" / "a", greedy)
+    clash.append([np.arange(1, 5)], [1], seconds=1.0, prompts=1)
+    with pytest.raises(ConfigError, match="another data store named 'a'"):
+        cache.train([clash])
 
 
 @pytest.mark.parametrize("case", ["missing draft", "corrupt draft", "empty store", "unknown kind"])

@@ -81,6 +81,13 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {"format": DATA_FORMAT, **asdict(self)}
 
+    def identity(self) -> dict[str, Any]:
+        """How the data was made (not how much there is): what a grown store must keep."""
+        return {k: getattr(self, k) for k in IDENTITY}
+
+
+IDENTITY = ("target", "dtype", "temperature", "top_p", "max_new_tokens", "chat", "prompt_seed")
+
 
 class DataStore:
     """A directory of shards of target continuations; see the module docstring."""
@@ -110,7 +117,7 @@ class DataStore:
             return store
         store = cls.open(root)
         mine, theirs = store.manifest, settings
-        for key in ("target", "dtype", "temperature", "top_p", "max_new_tokens", "chat", "prompt_seed"):
+        for key in IDENTITY:
             if getattr(mine, key) != getattr(theirs, key):
                 raise ConfigError(
                     f"{root} holds data made with {key}={getattr(mine, key)!r}, not "

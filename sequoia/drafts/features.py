@@ -237,22 +237,34 @@ class FeatureCache:
             raise ConfigError(f"{self.root} holds features of another target or dtype ({read_json(path)}); use another --work directory")
         write_json_atomic(path, meta)
 
-    def train(self, store: DataStore, progress: Progress | None = None) -> FeatureSet:
-        """Features of every sequence of ``store``; chunks already cached are read back."""
+    def train(self, stores: Sequence[DataStore], progress: Progress | None = None) -> FeatureSet:
+        """Features of every sequence of ``stores``, in order; chunks already cached are read back."""
+        return FeatureSet.concat([self._store(store, progress) for store in stores])
+
+    def _store(self, store: DataStore, progress: Progress | None) -> FeatureSet:
+        """One store's features, cached in a folder named after the store's directory."""
         if store.manifest.target != self.loaded.name:
             raise ConfigError(f"the data store {store.root} was sampled from {store.manifest.target}, not {self.loaded.name}")
+        folder = self.root / "".join(c if c.isalnum() or c in "-_." else "_" for c in store.root.resolve().name)
+        source = folder / "source.json"
+        if source.is_file() and read_json(source) != store.manifest.identity():
+            raise ConfigError(
+                f"{folder} caches another data store named {store.root.name!r} (made with {read_json(source)}); "
+                "rename the store or use another --work directory"
+            )
+        write_json_atomic(source, store.manifest.identity())
         sequences = list(store.sequences())
         parts, total = [], len(sequences)
         for index, start in enumerate(range(0, total, CHUNK)):
             chunk = sequences[start : start + CHUNK]
-            path = self.root / f"train-{index:05d}.safetensors"
+            path = folder / f"train-{index:05d}.safetensors"
             part = FeatureSet.load(path) if path.is_file() else None
             if part is None or part.num_sequences != len(chunk):
                 part = extract_features(self.loaded, chunk)
                 part.save(path)
             parts.append(part)
             if progress is not None:
-                progress(start + len(chunk), total, "target features (sequences)")
+                progress(start + len(chunk), total, f"target features of {store.root.name} (sequences)")
         return FeatureSet.concat(parts)
 
     def held_out(self, prompts: str = "builtin", max_new_tokens: int = 128, chat: bool = True) -> FeatureSet:

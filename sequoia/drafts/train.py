@@ -245,18 +245,21 @@ def discard_checkpoint(work: str | os.PathLike) -> None:
     (Path(work) / CHECKPOINT).unlink(missing_ok=True)
 
 
-def open_training_data(path: str | os.PathLike) -> DataStore:
-    """Open a data store to train on; an empty one is a :class:`ConfigError` (checked before
-    any model is loaded)."""
-    store = DataStore.open(path)
-    if not store.manifest.shards:
-        raise ConfigError(f"the data store {path} is empty; run `sequoia draft data --out {path}` first")
-    return store
+def open_training_data(paths: Sequence[str | os.PathLike]) -> list[DataStore]:
+    """Open the data stores to train on; none, or an empty one, is a :class:`ConfigError`
+    (checked before any model is loaded)."""
+    if not paths:
+        raise ConfigError("give at least one data store (--data)")
+    stores = [DataStore.open(path) for path in paths]
+    for store in stores:
+        if not store.manifest.shards:
+            raise ConfigError(f"the data store {store.root} is empty; run `sequoia draft data --out {store.root}` first")
+    return stores
 
 
 def train_from_store(
     loaded: LoadedModel,
-    data: DataStore,
+    data: Sequence[DataStore],
     out: str | os.PathLike,
     work: str | os.PathLike,
     settings: TrainSettings,
@@ -264,8 +267,8 @@ def train_from_store(
     held_out_tokens: int = 128,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The whole recipe: target features of ``data`` and of the held-out prompts (cached in
-    ``work``), training, then the draft saved to ``out`` with a card recording the data,
+    """The whole recipe: target features of the ``data`` stores (their sequences pooled) and of
+    the held-out prompts (cached in ``work``), training, then the draft saved to ``out`` with a card recording the data,
     the held-out agreement per level and the bfloat16 cost per level. Returns the card."""
     cache = FeatureCache(work, loaded)
     train = cache.train(data, progress)
@@ -273,7 +276,9 @@ def train_from_store(
     device = loaded.device
     model, report = train_draft(settings, train, held_out, loaded.model, work, device, eos_token_ids, progress)
     save_draft(model, out, loaded.name, {"training": {
-        "data": str(data.root), "data_positions": train.generated_positions,
+        "data": [{"path": str(store.root), "positions": store.manifest.positions,
+                  "temperature": store.manifest.temperature, "top_p": store.manifest.top_p} for store in data],
+        "data_positions": train.generated_positions,
         "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
         "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
         "target_dtype": dtype_name(loaded.dtype),

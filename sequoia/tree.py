@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,21 @@ from sequoia.errors import ConfigError, FileFormatError, TreeError
 TREE_FORMAT = "sequoia-tree/1"
 ROOT_PARENT = -1
 EXPORT_FORMATS = ("json", "growmap", "medusa", "vllm")
+
+
+class Expansion(NamedTuple):
+    """One level of a draft's work: the level's nodes that have children, each proposing its
+    ``w`` best candidates, of which the first ``num_children`` become its children."""
+
+    parents: torch.Tensor  # [p] int64 node ids, ascending
+    keep: torch.Tensor  # [p, w] bool: candidate c of row r becomes a child
+    kept: torch.Tensor | None  # flat indices of the kept candidates; None when all are kept
+
+    def children(self, candidates: torch.Tensor) -> torch.Tensor:  # [p, w] -> [children]
+        """The kept candidates, row by row: the next level's nodes in order (no ``nonzero``
+        when every candidate is kept, the common case; a boolean mask would sync for it)."""
+        flat = candidates.flatten()
+        return flat if self.kept is None else flat[self.kept.to(flat.device)]
 
 
 @dataclass(frozen=True)
@@ -99,17 +114,16 @@ class Tree:
         return tuple(tuple(range(bounds[d], bounds[d + 1])) for d in range(self.depth + 1))
 
     @cached_property
-    def expansions(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """How a draft fills the tree level by level: for each depth ``l < depth``, the ids of
-        depth ``l``'s nodes that have children ([p] int64, ascending) and a [p, w] bool mask
-        (``w``: the most children) of which of each node's ``w`` best candidates are kept;
-        the kept candidates, row by row, are depth ``l + 1``'s nodes in order."""
+    def expansions(self) -> tuple[Expansion, ...]:
+        """How a draft fills the tree level by level: one :class:`Expansion` per depth
+        ``l < depth``, whose children are depth ``l + 1``'s nodes in order."""
         plans = []
         for nodes in self.levels[:-1]:
             counts = torch.as_tensor(self.num_children[list(nodes)])
             has = counts > 0
             keep = torch.arange(int(counts.max()))[None, :] < counts[has][:, None]
-            plans.append((torch.as_tensor(nodes)[has], keep))
+            kept = None if bool(keep.all()) else keep.flatten().nonzero().squeeze(1)
+            plans.append(Expansion(torch.as_tensor(nodes)[has], keep, kept))
         return tuple(plans)
 
     @cached_property

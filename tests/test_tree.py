@@ -69,8 +69,11 @@ def test_two_by_two_views() -> None:
 def test_expansions_say_which_candidates_become_children() -> None:
     # root -> {1, 2, 3}; 1 -> {4, 5}; 3 -> {6}; 4 -> {7}
     tree = Tree.from_children_counts([3, 2, 0, 1, 1, 0, 0])
-    plans = [(nodes.tolist(), keep.int().tolist()) for nodes, keep in tree.expansions]
+    plans = [(e.parents.tolist(), e.keep.int().tolist()) for e in tree.expansions]
     assert plans == [([0], [[1, 1, 1]]), ([1, 3], [[1, 1], [1, 0]]), ([4], [[1]])]
+    candidates = torch.tensor([[10, 11], [12, 13]])
+    assert tree.expansions[1].children(candidates).tolist() == [10, 11, 12]  # = candidates[keep]
+    assert tree.expansions[0].kept is None and tree.expansions[0].children(candidates).tolist() == [10, 11, 12, 13]
     assert len(CHAIN.expansions) == CHAIN.depth and Tree.from_children_counts([0]).expansions == ()
 
 

@@ -225,6 +225,7 @@ class ChimeraProposer(HeadsProposer):
         self._allowed = torch.ones(n, cached + n - 1, dtype=torch.bool, device=weight.device)
         self._allowed[:, cached:] = tree.ancestor_mask[:, 1:].to(weight.device)
         self._parents = torch.as_tensor(tree.parents, device=weight.device)
+        self._ends = [cached + nodes[-1] for nodes in tree.levels]
         self._states = torch.zeros(n, self.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
         self._prev1 = torch.full((n,), NO_TOKEN, dtype=torch.long, device=weight.device)
         if len(ctx.tokens) > 1:
@@ -262,8 +263,9 @@ class ChimeraProposer(HeadsProposer):
             self._prev1[nodes] = prev1
             rows = self._cached - 1 + nodes
             q, self._keys[rows], self._values[rows] = self.model.encoder.project(x)
-            end = self._cached + int(nodes.max())
+            end = self._ends[level]  # keys up to the level's last node, known without a sync
             attended = attend(q, self._keys[:end], self._values[:end], self._allowed[nodes, :end])
             out = self.model.encoder.finish(x, attended)
-        self._states[nodes] = self.model.heads[level](out + self._h_last)
-        return self.model.out(self._states[nodes])
+        states = self.model.heads[level](out + self._h_last)
+        self._states[nodes] = states
+        return self.model.out(states)

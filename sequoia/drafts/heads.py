@@ -63,12 +63,12 @@ class HeadsProposer(Proposer):
         probs = None if ctx.sampling.greedy else torch.zeros(tree.size, self.vocab.vocab_size, device=device)
         self._begin(ctx, tree, tokens)  # also for a bare root: a draft may keep the hidden states
         ids = self.vocab.ids.to(device)
-        for level, (parents, keep) in enumerate(tree.expansions):
-            parents, keep = parents.to(device), keep.to(device)  # [p], [p, width]
+        for level, expansion in enumerate(tree.expansions):
+            parents = expansion.parents.to(device)  # [p]
             logits = self._level(level, parents)  # [p, r]
-            candidates, q = choose_candidates(logits.float(), keep.shape[1], ctx)  # [p, width] rows of r
+            candidates, q = choose_candidates(logits, expansion.keep.shape[1], ctx)  # [p, width] rows of r
             below = tree.levels[level + 1]
-            tokens[below[0] : below[-1] + 1] = ids[candidates][keep]
+            tokens[below[0] : below[-1] + 1] = ids[expansion.children(candidates)]
             if probs is not None:
                 probs[parents] = self.vocab.to_full_probs(q)
         return Draft(tokens, probs)

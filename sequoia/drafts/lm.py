@@ -56,16 +56,16 @@ class LMProposer(Proposer):
             return Draft(tokens, probs)
         logits = self._feed_pending(ctx.tokens[self._cached :].to(device))  # [1, vocab], the root's
         prefix_len = len(ctx.tokens) - 1
-        for level, (parents, keep) in enumerate(tree.expansions):
+        for level, expansion in enumerate(tree.expansions):
             nodes = tree.levels[level]
             if level:
                 span = tokens[nodes[0] : nodes[-1] + 1]
                 out = tree_forward(self.model, span, tree, self._cache, prefix_len, start=nodes[0])
                 logits = out.logits[0]  # [len(nodes), vocab]
-            parents, keep = parents.to(device), keep.to(device)  # [p], [p, width]
-            candidates, q = choose_candidates(logits[parents - nodes[0]], keep.shape[1], ctx)  # [p, width], [p, vocab]
+            parents = expansion.parents.to(device)  # [p]
+            candidates, q = choose_candidates(logits[parents - nodes[0]], expansion.keep.shape[1], ctx)  # [p, width], [p, vocab]
             below = tree.levels[level + 1]
-            tokens[below[0] : below[-1] + 1] = candidates[keep]
+            tokens[below[0] : below[-1] + 1] = expansion.children(candidates)
             if probs is not None:
                 probs[parents] = q
         self._fed, self._prefix_len = tree.levels[tree.depth][0], prefix_len
@@ -100,8 +100,10 @@ def choose_candidates(
     width: int,
     ctx: DraftContext,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [m, width] candidates best first, [m, vocab] q
-    """Each row's children: its top-``width`` tokens when greedy, else ``width`` draws from the
-    processed distribution ``q`` (with or without replacement, as ``ctx`` says)."""
+    """Each row's children: its top-``width`` tokens when greedy (in the logits' own dtype:
+    converting to float32 is exact, so the order is the same), else ``width`` draws from the
+    processed distribution ``q`` (float32, which sampling forms; with or without replacement,
+    as ``ctx`` says)."""
     if ctx.sampling.greedy:
         if width == 1:  # max is ~2.5x cheaper than topk (or argmax) on CPU, measured here
             return logits.max(dim=-1, keepdim=True).indices, None

@@ -1,4 +1,4 @@
-"""``sequoia acceptance``: measure a (target, draft) pair's positional acceptance vector."""
+"""``sequoia acceptance``: measure a (target, draft) pair's positional acceptance vector (per depth on request)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import typer
 from rich.table import Table
 
-from sequoia.acceptance import AcceptanceResult, measure_counts
+from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth
 from sequoia.drafts import make_proposer, resolve_draft
 from sequoia.engine import eos_token_ids
 from sequoia.errors import ConfigError
@@ -26,6 +26,9 @@ def acceptance(
     prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL / JSON / text file."),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N prompts."),
     width: int = typer.Option(8, "--width", help="Candidates per node (length of the vector)."),
+    depth: int = typer.Option(
+        1, "--depth", help="Also measure depths 2..N (a spine tree): for drafts with one head per level."
+    ),
     mode: str = typer.Option("greedy", "--mode", help="greedy or stochastic."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (stochastic mode)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
@@ -48,12 +51,12 @@ def acceptance(
         proposer = make_proposer(draft, loaded, dtype=dtype, device=device)
     ids = [torch.tensor(render_prompt(loaded.tokenizer, p.text, chat)) for p in prompt_set]
     with progress_bar("measuring acceptance") as update:
-        counts, samples = measure_counts(
-            loaded.model, proposer, ids, width, sampling, max_new_tokens,
+        counts, samples = measure_counts_by_depth(
+            loaded.model, proposer, ids, width, sampling, depth, max_new_tokens,
             eos_token_ids(loaded.model, loaded.tokenizer), seed,
             progress=lambda done, total: update(done, total, "prompts"),
         )
-    result = AcceptanceResult.from_counts(
+    result = AcceptanceResult.from_depth_counts(
         counts, samples, target=loaded.name, draft=draft, mode=mode, temperature=sampling.temperature,
         top_p=top_p, prompts=f"{prompts} ({len(prompt_set)} prompts, {max_new_tokens} tokens each)",
     )
@@ -66,4 +69,9 @@ def acceptance(
         total += p
         table.add_row(str(i), f"{p:.4f}", f"{se:.4f}", f"{total:.4f}")
     console.print(table)
-    console.print(f"{samples} positions; wrote {out}")
+    for k, (row, n) in enumerate(zip(result.by_depth[1:], result.depth_samples[1:]), start=2):
+        console.print(f"depth {k}: first candidate {row[0]:.4f}, any {sum(row):.4f} ({n} positions)")
+    dropped = len(result.depth_samples) - len(result.by_depth)
+    if result.by_depth and dropped:
+        console.print(f"[yellow]the {dropped} deepest depth(s) had too few positions to keep; the solver reuses the last row[/]")
+    console.print(f"{result.samples} positions; wrote {out}")

@@ -120,7 +120,7 @@ def _tree(
         return chain(limits.cap(DEFAULT_TREE_DEPTH))
     if budget is None:
         raise ConfigError("--acceptance needs --budget (the tree size)")
-    vector = AcceptanceResult.load(acceptance).vector
+    vector = AcceptanceResult.load(acceptance).for_solver
     depth = limits.cap(budget - 1 if max_depth is None else max_depth)
     return solve(vector, budget, depth).tree(budget, depth)
 

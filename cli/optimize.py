@@ -60,7 +60,7 @@ def optimize(
     choices = []
     for acc in accs:  # a trained draft (named in the acceptance file) caps the depth, brings its cost
         limits = draft_limits(acc.draft)
-        choices.append(choose(prof, acc.vector, prefix_len, draft_prof, max_size, limits.cap(max_depth),
+        choices.append(choose(prof, acc.for_solver, prefix_len, draft_prof, max_size, limits.cap(max_depth),
                               level_ms=limits.level_ms))
     best = choices[0].best
     meta = {

@@ -23,7 +23,7 @@ app = typer.Typer(help="Build, inspect and export speculation trees.", no_args_i
 SCALING_FORMAT = "sequoia-scaling/1"
 BUILD_SHAPES = ("sequoia", *solver.SHAPES)
 
-AcceptanceFile = typer.Option(None, "--acceptance", help=f"A {ACCEPTANCE_FORMAT} JSON file (its 'vector').")
+AcceptanceFile = typer.Option(None, "--acceptance", help=f"A {ACCEPTANCE_FORMAT} JSON file (its rows by depth where measured, else its 'vector').")
 AcceptanceText = typer.Option(None, "--p", help="Acceptance vector inline, e.g. 0.62,0.13,0.05.")
 
 
@@ -32,7 +32,7 @@ def _acceptance(path: Path | None, text: str | None, required: bool = True) -> n
     if path is not None and text is not None:
         raise ConfigError("give the acceptance vector once: --acceptance FILE or --p LIST, not both")
     if path is not None:
-        return solver.validate_acceptance(AcceptanceResult.load(path).vector)
+        return AcceptanceResult.load(path).for_solver  # one row per depth where measured
     if text is not None:
         try:
             values = [float(x) for x in text.split(",") if x.strip()]

@@ -30,9 +30,9 @@ from transformers import PreTrainedModel
 
 from sequoia.drafts.base import Proposer
 from sequoia.engine import Engine
-from sequoia.errors import ConfigError, FileFormatError
+from sequoia.errors import AcceptanceError, ConfigError, FileFormatError
 from sequoia.sampling import SamplingConfig
-from sequoia.solver import validate_acceptance
+from sequoia.solver import acceptance_by_depth, validate_acceptance
 from sequoia.tree import Tree, read_json, write_json_atomic
 
 ACCEPTANCE_FORMAT = "sequoia-acceptance/1"
@@ -54,10 +54,17 @@ class AcceptanceResult:
     samples: int  # positions (tree nodes whose candidates were verified)
     prompts: str  # prompt source
     meta: dict[str, Any] = field(default_factory=dict)
+    by_depth: tuple[tuple[float, ...], ...] = ()  # [L, width] one row per depth (row 0 = vector); () if not measured
+    depth_samples: tuple[int, ...] = ()  # positions measured at each depth
 
     @property
     def width(self) -> int:
         return len(self.vector)
+
+    @property
+    def for_solver(self) -> np.ndarray:  # [L, width] rows by depth where measured, else [width]
+        """What :func:`sequoia.solver.solve` takes: the rows by depth, else the vector."""
+        return np.asarray(self.by_depth or self.vector, dtype=np.float64)
 
     @classmethod
     def from_counts(cls, counts: np.ndarray, samples: int, **fields: Any) -> AcceptanceResult:
@@ -66,6 +73,16 @@ class AcceptanceResult:
         rate = counts / max(samples, 1)
         stderr = np.sqrt(rate * (1 - rate) / max(samples, 1))
         return cls(vector=tuple(rate.tolist()), stderr=tuple(stderr.tolist()), samples=samples, **fields)
+
+    @classmethod
+    def from_depth_counts(cls, counts: np.ndarray, samples: np.ndarray, **fields: Any) -> AcceptanceResult:
+        """Build from :func:`measure_counts_by_depth`'s counts: the vector is depth 1's; the rows
+        by depth (:func:`rates_by_depth`) are kept when more than one depth was measured."""
+        by_depth = rates_by_depth(counts, samples) if len(samples) > 1 else np.zeros((0, counts.shape[1]))
+        return cls.from_counts(
+            counts[0], int(samples[0]), by_depth=tuple(tuple(row) for row in by_depth.tolist()),
+            depth_samples=tuple(samples.tolist()) if len(samples) > 1 else (), **fields,
+        )
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -79,6 +96,7 @@ class AcceptanceResult:
         try:
             vector = tuple(float(x) for x in validate_acceptance(data["vector"]))
             stderr = tuple(float(x) for x in data.get("stderr") or [math.nan] * len(vector))
+            by_depth = _rows(data.get("by_depth") or [], len(vector))
             return cls(
                 target=str(data["target"]),
                 draft=str(data.get("draft", "unknown")),
@@ -90,6 +108,8 @@ class AcceptanceResult:
                 samples=int(data.get("samples", 0)),
                 prompts=str(data.get("prompts", "unknown")),
                 meta=dict(data.get("meta") or {}),
+                by_depth=by_depth,
+                depth_samples=tuple(int(n) for n in data.get("depth_samples") or []),
             )
         except KeyError as exc:
             raise FileFormatError(f"{where} has no {exc.args[0]!r} field") from None
@@ -102,6 +122,16 @@ class AcceptanceResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AcceptanceResult:
         return cls.from_json(read_json(path), str(path))
+
+
+def _rows(data: Any, width: int) -> tuple[tuple[float, ...], ...]:
+    """A file's ``by_depth`` rows, checked: each a valid vector of the file's width."""
+    if not data:
+        return ()
+    rows = acceptance_by_depth(data)
+    if rows.shape[1] != width:
+        raise AcceptanceError(f"'by_depth' rows have {rows.shape[1]} entries, the vector {width}")
+    return tuple(tuple(float(x) for x in row) for row in rows)
 
 
 def measure_counts(

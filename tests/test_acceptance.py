@@ -26,6 +26,19 @@ def test_from_counts_and_round_trip(tmp_path):
     assert AcceptanceResult.load(path) == result
 
 
+def test_rows_by_depth_round_trip(tmp_path):
+    counts, samples = np.array([[50, 20], [12, 6], [1, 0]]), np.array([100, 40, 5])
+    result = AcceptanceResult.from_depth_counts(counts, samples, **FIELDS)
+    assert result.vector == (0.5, 0.2) and result.samples == 100
+    assert result.by_depth == ((0.5, 0.2), (0.3, 0.15))  # depth 3 (5 positions) is too thin to keep
+    assert result.depth_samples == (100, 40, 5)
+    assert result.for_solver.tolist() == [[0.5, 0.2], [0.3, 0.15]]
+    result.save(tmp_path / "acc.json")
+    assert AcceptanceResult.load(tmp_path / "acc.json") == result
+    one = AcceptanceResult.from_depth_counts(counts[:1], samples[:1], **FIELDS)
+    assert one.by_depth == () and one.for_solver.tolist() == [0.5, 0.2]  # one depth: the vector
+
+
 @pytest.mark.parametrize(
     ("doc", "error", "match"),
     [
@@ -34,6 +47,8 @@ def test_from_counts_and_round_trip(tmp_path):
         ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.9, 0.3]}, AcceptanceError, "sums to"),
         ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [-0.1]}, AcceptanceError, "#1"),
         ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.1], "samples": "x"}, FileFormatError, "malformed"),
+        ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.5], "by_depth": [[0.5], [1.2]]}, AcceptanceError, "depth 2"),
+        ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.5], "by_depth": [[0.5, 0.1]]}, AcceptanceError, "entries"),
     ],
 )
 def test_bad_files(tmp_path, doc, error, match):

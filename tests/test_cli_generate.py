@@ -134,3 +134,17 @@ def test_a_trained_draft_decodes_losslessly_within_its_depth(dirs, tmp_path):
     assert solved.exit_code == 0, solved.output
     assert "tree of 8 nodes, depth 2" in solved.stderr  # the solver kept to the draft's 2 levels
     assert solved.stdout == _greedy_text(dirs["target"], 16) + "\n"
+
+
+def test_acceptance_by_depth_cli(dirs, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w3 w1 w4\nw9 w2 w6 w5\nw2 w7\n")
+    out = tmp_path / "acc.json"
+    result = CliRunner().invoke(app, [
+        "acceptance", "--target", dirs["target"], "--draft", dirs["target"], "--prompts", str(prompts), "--no-chat",
+        "--width", "3", "--depth", "2", "--max-new-tokens", "60", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    acc = AcceptanceResult.load(out)  # a draft equal to the target: its first candidate, at every depth
+    assert acc.by_depth == ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)) and acc.vector == acc.by_depth[0]
+    assert acc.depth_samples[1] >= 30 and "depth 2: first candidate 1.0000" in result.stdout

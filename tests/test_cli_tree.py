@@ -58,6 +58,20 @@ def test_build_from_acceptance_file(tmp_path: Path) -> None:
     assert Tree.load(tmp_path / "t.json").meta["acceptance"] == [0.7, 0.2]
 
 
+def test_build_from_acceptance_rows_by_depth(tmp_path: Path) -> None:
+    rows = [[0.7, 0.2], [0.4, 0.1]]
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"format": "sequoia-acceptance/1", "target": "t", "vector": rows[0], "by_depth": rows}))
+    ok("build", "--acceptance", str(acc), "--budget", "8", "--max-depth", "3", "--out", str(tmp_path / "t.json"))
+    tree = Tree.load(tmp_path / "t.json")
+    assert tree.meta["acceptance"] == rows and tree == solve(rows, 8, 3).tree(8, 3)
+    assert tree.meta["expected_tokens"] == pytest.approx(solve(rows, 8, 3).values[8, 3])
+    assert tree.meta["expected_tokens"] < solve(rows[0], 8, 3).values[8, 3]  # the weaker depths count
+    acc.write_text(json.dumps({"format": "sequoia-acceptance/1", "target": "t", "vector": [0.7], "by_depth": [[0.7], [0.9, 0.2]]}))
+    fails("build", "--acceptance", str(acc), "--budget", "8", "--out", str(tmp_path / "u.json"), words="acceptance")
+    assert not (tmp_path / "u.json").exists()
+
+
 def test_build_fixed_and_best_baselines(tmp_path: Path, two_by_two: Path) -> None:
     assert Tree.load(two_by_two).parents == (-1, 0, 0, 1, 1, 2, 2)
     ok("build", "--shape", "chain", "--depth", "3", "--p", "0.5", "--out", str(tmp_path / "c.json"))

@@ -152,7 +152,7 @@ def measure_acceptance(
     ``temperature``, greedy at 0), per tree depth (``by_depth``: its heads differ), and the
     tokens per step the optimal tree of at most ``max_size`` nodes and the draft's depth
     predicts with it: the card's ``acceptance`` entry."""
-    from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth, rates_by_depth
+    from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth
     from sequoia.engine import eos_token_ids
     from sequoia.prompts import load_prompts, render_prompt
     from sequoia.solver import solve
@@ -166,13 +166,12 @@ def measure_acceptance(
         eos_token_ids(loaded.model, loaded.tokenizer), seed, progress,
     )
     mode = "greedy" if temperature == 0 else "stochastic"
-    result = AcceptanceResult.from_counts(
-        counts[0], int(samples[0]), target=loaded.name, draft=str(spec), mode=mode, temperature=temperature,
+    result = AcceptanceResult.from_depth_counts(
+        counts, samples, target=loaded.name, draft=str(spec), mode=mode, temperature=temperature,
         top_p=1.0, prompts=f"builtin ({len(prompts)} prompts, {max_new_tokens} tokens each)",
     )
-    rates = rates_by_depth(counts, samples)
-    predicted = float(solve(rates, max_size, depth).values[max_size, depth])
+    predicted = float(solve(result.for_solver, max_size, depth).values[max_size, depth])
     return {
-        **result.to_json(), "by_depth": rates.tolist(), "depth_samples": samples.tolist(),
+        **result.to_json(),
         "optimal_tree": {"max_size": max_size, "max_depth": depth, "expected_tokens_per_step": round(predicted, 4)},
     }

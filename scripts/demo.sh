@@ -16,8 +16,8 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "1/5 device profile: $PROFILE (shipped; re-measure with: sequoia profile run --dtype bfloat16 --out ...)"
 sequoia profile show "$PROFILE"
 
-step "2/5 acceptance of draft '$DRAFT' for smollm2-135m (greedy, 6 built-in prompts)"
-sequoia acceptance --draft "$DRAFT" --dtype bfloat16 --limit 6 --max-new-tokens 48 --width 8 \
+step "2/5 acceptance of draft '$DRAFT' for smollm2-135m (greedy, 6 built-in prompts, tree depths 1-4)"
+sequoia acceptance --draft "$DRAFT" --dtype bfloat16 --limit 6 --max-new-tokens 48 --width 8 --depth 4 \
     --out "$OUT/acceptance-greedy.json"
 
 step "3/5 the fastest tree for this device"

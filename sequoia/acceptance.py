@@ -78,10 +78,11 @@ class AcceptanceResult:
     def from_depth_counts(cls, counts: np.ndarray, samples: np.ndarray, **fields: Any) -> AcceptanceResult:
         """Build from :func:`measure_counts_by_depth`'s counts: the vector is depth 1's; the rows
         by depth (:func:`rates_by_depth`) are kept when more than one depth was measured."""
-        by_depth = rates_by_depth(counts, samples) if len(samples) > 1 else np.zeros((0, counts.shape[1]))
+        deeper = len(samples) > 1
+        rows = rates_by_depth(counts, samples).tolist() if deeper else []
         return cls.from_counts(
-            counts[0], int(samples[0]), by_depth=tuple(tuple(row) for row in by_depth.tolist()),
-            depth_samples=tuple(samples.tolist()) if len(samples) > 1 else (), **fields,
+            counts[0], int(samples[0]), by_depth=tuple(map(tuple, rows)),
+            depth_samples=tuple(samples.tolist()) if deeper else (), **fields,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -128,6 +129,8 @@ def _rows(data: Any, width: int) -> tuple[tuple[float, ...], ...]:
     """A file's ``by_depth`` rows, checked: each a valid vector of the file's width."""
     if not data:
         return ()
+    if not all(isinstance(row, list) for row in data):
+        raise AcceptanceError("'by_depth' must be a list of rows, one per depth")
     rows = acceptance_by_depth(data)
     if rows.shape[1] != width:
         raise AcceptanceError(f"'by_depth' rows have {rows.shape[1]} entries, the vector {width}")

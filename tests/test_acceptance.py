@@ -49,6 +49,7 @@ def test_rows_by_depth_round_trip(tmp_path):
         ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.1], "samples": "x"}, FileFormatError, "malformed"),
         ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.5], "by_depth": [[0.5], [1.2]]}, AcceptanceError, "depth 2"),
         ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.5], "by_depth": [[0.5, 0.1]]}, AcceptanceError, "entries"),
+        ({"format": ACCEPTANCE_FORMAT, "target": "t", "vector": [0.5], "by_depth": [0.5, 0.1]}, AcceptanceError, "rows"),
     ],
 )
 def test_bad_files(tmp_path, doc, error, match):

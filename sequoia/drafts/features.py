@@ -245,7 +245,7 @@ class FeatureCache:
         """One store's features, cached in a folder named after the store's directory."""
         if store.manifest.target != self.loaded.name:
             raise ConfigError(f"the data store {store.root} was sampled from {store.manifest.target}, not {self.loaded.name}")
-        folder = self.root / "".join(c if c.isalnum() or c in "-_." else "_" for c in store.root.resolve().name)
+        folder = self.root / _file_name(store.root.resolve().name)
         source = folder / "source.json"
         if source.is_file() and read_json(source) != store.manifest.identity():
             raise ConfigError(
@@ -269,11 +269,15 @@ class FeatureCache:
 
     def held_out(self, prompts: str = "builtin", max_new_tokens: int = 128, chat: bool = True) -> FeatureSet:
         """Features of the target's greedy continuations of the evaluation prompts."""
-        tag = "".join(c if c.isalnum() else "_" for c in Path(prompts).name)
-        path = self.root / f"eval-{tag}-{max_new_tokens}-{'chat' if chat else 'plain'}.safetensors"
+        path = self.root / f"eval-{_file_name(Path(prompts).name)}-{max_new_tokens}-{'chat' if chat else 'plain'}.safetensors"
         if path.is_file():
             return FeatureSet.load(path)
         ids = [render_prompt(self.loaded.tokenizer, p.text, chat) for p in load_prompts(prompts)]
         features = extract_features(self.loaded, greedy_continuations(self.loaded, ids, max_new_tokens))
         features.save(path)
         return features
+
+
+def _file_name(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

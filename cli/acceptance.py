@@ -39,6 +39,8 @@ def acceptance(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
 ) -> None:
     """Measure how often the i-th draft candidate is the one the target accepts."""
+    if width < 1 or depth < 1:
+        raise ConfigError(f"--width and --depth must be at least 1, got {width} and {depth}")
     if mode not in ("greedy", "stochastic"):
         raise ConfigError(f"--mode must be greedy or stochastic, got {mode!r}")
     if mode == "stochastic" and temperature == 0:

@@ -148,3 +148,5 @@ def test_acceptance_by_depth_cli(dirs, tmp_path):
     acc = AcceptanceResult.load(out)  # a draft equal to the target: its first candidate, at every depth
     assert acc.by_depth == ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)) and acc.vector == acc.by_depth[0]
     assert acc.depth_samples[1] >= 30 and "depth 2: first candidate 1.0000" in result.stdout
+    bad = CliRunner().invoke(app, ["acceptance", "--target", dirs["target"], "--depth", "0", "--out", str(tmp_path / "b.json")])
+    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: --width and --depth") and not (tmp_path / "b.json").exists()

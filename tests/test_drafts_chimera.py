@@ -14,7 +14,7 @@ from trained_draft_helpers import (
 )
 
 from sequoia.drafts.base import DraftContext
-from sequoia.drafts.chimera import ChimeraDraft, unroll_mask
+from sequoia.drafts.chimera import ChimeraDraft, attend, unrolled_attend
 from sequoia.tree import Tree
 
 
@@ -23,16 +23,31 @@ def draft(tiny_target) -> ChimeraDraft:
     return random_draft("chimera", tiny_target)
 
 
+def unroll_mask(length: int, level: int) -> torch.Tensor:  # [T, (level + 1) T] bool
+    """Keys of level ``level`` at position ``i`` (root ``i - level``): the real positions
+    ``<= i - level``, then, for each deeper level ``t``, the node at ``i - level + t``."""
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    return torch.cat([j <= i - level] + [j == i - level + t for t in range(1, level + 1)], dim=1)
+
+
 def test_unroll_mask_level_2():
     # position i at level 2 (root i - 2): real keys <= i - 2, then the depth-1 node (i - 1)
     # and the depth-2 node (i itself), each from its own level's block
-    mask = unroll_mask(4, 2, torch.device("cpu")).int()
-    assert mask.tolist() == [
+    assert unroll_mask(4, 2).int().tolist() == [
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
         [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
         [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
         [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
     ]
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_unrolled_attention_is_attention_under_the_unroll_mask(level):
+    gen = torch.Generator().manual_seed(level)
+    q, *kv = (torch.randn(2, 6, 3, 8, generator=gen) for _ in range(1 + 2 * (level + 1)))
+    keys, values = kv[: level + 1], kv[level + 1 :]
+    expected = attend(q, torch.cat(keys, 1), torch.cat(values, 1), unroll_mask(6, level))
+    assert torch.allclose(unrolled_attend(q, keys, values), expected, atol=1e-5)
 
 
 def test_a_fresh_layer_starts_as_the_identity(draft):

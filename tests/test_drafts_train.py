@@ -9,6 +9,7 @@ import torch
 from trained_draft_helpers import bigram_target, check_greedy_lossless, random_draft, sampled_sequences
 
 from sequoia.drafts import make_proposer, resolve_draft
+from sequoia.drafts import train as train_module
 from sequoia.drafts.data import DataStore, Manifest
 from sequoia.drafts.evaluate import agreement, level_costs
 from sequoia.drafts.features import FeatureCache, FeatureSet, extract_features
@@ -84,10 +85,13 @@ def test_training_lowers_the_loss(kind, bigram, features):
     assert float(draft_loss(model, batch, teacher, "input").detach()) > 0
 
 
+@pytest.mark.parametrize("loss_rows", [7, 4096], ids=["chunked", "one-chunk"])
 @pytest.mark.parametrize("kind", ["mlp", "chimera"])
-def test_the_loss_is_the_definition(kind, bigram, features):
+def test_the_loss_is_the_definition(kind, loss_rows, bigram, features, monkeypatch):
     """Per level: cross-entropy from the target's distribution over the reduced vocabulary
-    (output stage) or with the next token (input stage), over that level's positions."""
+    (output stage) or with the next token (input stage), over that level's positions --
+    whatever the chunks of rows it is summed in."""
+    monkeypatch.setattr(train_module, "LOSS_ROWS", loss_rows)
     train, _ = features
     model = random_draft(kind, bigram, reduced=48)
     teacher = bigram.lm_head.weight.detach()[model.vocab.ids]

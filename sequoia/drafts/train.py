@@ -20,8 +20,6 @@ directory every ``checkpoint_every`` steps and at the end.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 import time
@@ -45,6 +43,9 @@ from sequoia.tree import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "sequoia-draft-checkpoint/1"
+# Rows per output-layer chunk of the loss: its float32 buffers stay under 32 MB, which glibc
+# reuses from its heap; larger ones it maps afresh each step, and the page faults cost ~20% of a CPU step.
+LOSS_ROWS = 192
 WARMUP_STEPS = 50
 FINAL_LR_SHARE = 0.1
 Progress = Callable[[int, int, str], None]
@@ -115,22 +116,28 @@ def draft_loss(
     assert teacher.ndim == 2 and stage in ("input", "output")
     states = model.unroll_states(batch.tokens, batch.hidden)
     generated = stage == "output"
-    # Every level's positions lie within level 0's: all levels are scored on level 0's rows
-    # (one output product, one log-softmax, the target side formed once, no per-level copies)
-    # and each level's loss weighs in only its own rows. The output layer and the softmax over
-    # the reduced vocabulary dominate a step.
+    # Every level's positions lie within level 0's: all levels are scored on level 0's rows, in
+    # one output product per chunk of rows, and each level's loss weighs in only its own rows.
+    # The output layer and the softmax over the reduced vocabulary dominate a step.
     rows = batch.mask(0, generated_only=generated)  # [B, T]
     weights = torch.stack([batch.mask(level, generated)[rows] for level in range(len(states))]).float()  # [L, m]
-    log_q = F.log_softmax(model.out(torch.stack([state[rows] for state in states])).float(), dim=-1)  # [L, m, r]
+    inputs = torch.stack([state[rows] for state in states])  # [L, m, hidden]
     if generated:
-        p = ((batch.hidden[rows].to(teacher) @ teacher.T).float() - batch.lse[rows][:, None]).exp()  # [m, r]
-        cross = -torch.linalg.vecdot(p, log_q)  # [L, m]
+        hidden, lse = batch.hidden[rows], batch.lse[rows]
     else:
         following = torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], dim=1).clamp(min=0)
         target = model.vocab.index.to(following.device)[following[rows]]  # [m] row or -1
         weights = weights * (target >= 0)
-        cross = -log_q.gather(-1, target.clamp(min=0)[None, :, None].expand(len(states), -1, 1)).squeeze(-1)
-    return ((cross * weights).sum(-1) / weights.sum(-1).clamp(min=1)).mean()
+    total = weights.new_zeros(len(states))
+    for chunk in torch.arange(weights.shape[1], device=weights.device).split(LOSS_ROWS):
+        log_q = F.log_softmax(model.out(inputs[:, chunk]).float(), dim=-1)  # [L, c, r]
+        if generated:
+            p = ((hidden[chunk].to(teacher) @ teacher.T).float() - lse[chunk][:, None]).exp()  # [c, r]
+            cross = -torch.linalg.vecdot(p, log_q)  # [L, c]
+        else:
+            cross = -log_q.gather(-1, target[chunk].clamp(min=0)[None, :, None].expand(len(states), -1, 1)).squeeze(-1)
+        total = total + (cross * weights[:, chunk]).sum(-1)
+    return (total / weights.sum(-1).clamp(min=1)).mean()
 
 
 def train_draft(
@@ -144,8 +151,6 @@ def train_draft(
     progress: Progress | None = None,
 ) -> tuple[TrainedDraft, TrainReport]:
     """Train (or resume training) a draft for ``target``; returns it in eval mode."""
-    if torch.device(device).type == "cpu":
-        keep_freed_memory()
     path = Path(work) / CHECKPOINT
     saved = _load_checkpoint(path, settings) if path.is_file() else None
     full = int(target.get_input_embeddings().weight.shape[0])
@@ -194,22 +199,6 @@ def train_draft(
                      f"{stage} step {step} loss {loss_avg:.3f} held-out top-1 {agree}")
     scores = scores or _evaluate(model, held_out, autocast)
     return model.eval(), TrainReport(step, seconds, loss_avg, scores)
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's allocator serve every block from its heap and keep what is freed.
-
-    A step allocates the same ~100-200 MB buffers (logits over the reduced vocabulary) again
-    and again; by default glibc maps each block over 32 MB freshly and unmaps it when freed,
-    so every step pays the kernel's page faults to zero it again -- about a third of a CPU
-    step. Returns ``False`` (and changes nothing) where the C library is not glibc."""
-    path = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(path).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _evaluate(model: TrainedDraft, held_out: FeatureSet, autocast) -> list[LevelAgreement]:

@@ -111,7 +111,8 @@ def unrolled_attend(
     context = torch.einsum("bihd,bjhd->bhij", q, keys[0]).float() * scale  # [B, H, T, T]
     context = context.masked_fill(pos[None, :] > pos[:, None] - level, float("-inf"))
     lags = range(level - 1, -1, -1)  # level t's node sits at i - (level - t)
-    node_scores = [(q.float() * shift_right(k, lag).float()).sum(-1) for k, lag in zip(keys[1:], lags)]
+    q32 = q.float()
+    node_scores = [(q32 * shift_right(k, lag).float()).sum(-1) for k, lag in zip(keys[1:], lags)]
     nodes = torch.stack(node_scores, -1) if level else context.new_empty(*q.shape[:-1], 0)  # [B, T, H, level]
     before_start = pos[:, None] < torch.tensor(list(lags), device=q.device, dtype=torch.long)  # [T, level]
     nodes = nodes.mul(scale).masked_fill(before_start[None, :, None, :], float("-inf"))

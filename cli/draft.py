@@ -9,9 +9,13 @@ from rich.table import Table
 
 from sequoia.drafts.data import DataStore, Manifest, generate_data
 from sequoia.drafts.evaluate import evaluate_draft, measure_acceptance
-from sequoia.drafts.train import TrainSettings, discard_checkpoint, open_training_data, train_from_store
+from sequoia.drafts.context_mix import MAX_NGRAM
+from sequoia.drafts.train import (
+    TrainSettings, discard_checkpoint, drop_mix, open_training_data, refit_mix, train_from_store,
+)
 from sequoia.drafts.trained import CARD, draft_dir, load_draft, read_card, update_card
 from sequoia.engine import eos_token_ids
+from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, cache_dir, load_model
 from sequoia_cli.common import console, handles_errors, progress_bar
 
@@ -69,9 +73,13 @@ def train(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: torch's]."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoint in the work directory."),
+    context_mix: int = typer.Option(MAX_NGRAM, "--context-mix", help="Longest context n-gram mixed into the candidates (0: none)."),
 ) -> None:
     """Train a draft on the target's own hidden states (resumes from the work directory)."""
-    settings = TrainSettings(kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes)
+    settings = TrainSettings(
+        kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes,
+        context_mix=context_mix,
+    )
     stores = open_training_data(data)
     work = work or out.with_name(out.name + ".work")
     if fresh:
@@ -83,6 +91,37 @@ def train(
     _show_card(card)
     t = card["training"]
     console.print(f"wrote {out} ({t['steps']} steps, {t['minutes']} min, {t['data_positions']:,} training positions)")
+
+
+@app.command()
+@handles_errors
+def mix(
+    draft: Path = typer.Argument(..., help="Trained draft directory (its card is updated)."),
+    data: list[Path] = typer.Option(None, "--data", help="The draft's training data store(s) to fit on."),
+    work: Path | None = typer.Option(None, "--work", help="Cached target features [default: DRAFT.work]."),
+    max_ngram: int = typer.Option(MAX_NGRAM, "--max-ngram", help="Longest context suffix that is looked up."),
+    off: bool = typer.Option(False, "--off", help="Remove the draft's context mix instead."),
+    held_out_tokens: int = typer.Option(128, "--held-out-tokens", help="Greedy tokens per held-out prompt."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+) -> None:
+    """Fit (or remove) a draft's context mix: its candidates mixed with the context's n-grams."""
+    card = read_card(draft_dir(draft) or draft)
+    if off:
+        drop_mix(draft)
+        console.print(f"removed the context mix of {draft}; `sequoia draft eval {draft} --update-card` refreshes its evaluation")
+        return
+    if max_ngram < 1:
+        raise ConfigError(f"--max-ngram must be at least 1, got {max_ngram}")
+    if not data:
+        raise ConfigError("give the draft's training data with --data (repeat for several stores)")
+    stores = open_training_data(data)
+    name = card["target"]
+    with console.status(f"loading {name}"):
+        loaded = load_model(name, dtype=card.get("training", {}).get("target_dtype", "float32"), device=device)
+    with progress_bar("fitting the context mix") as update:
+        card = refit_mix(draft, loaded, stores, work or draft.with_name(draft.name + ".work"), max_ngram,
+                         held_out_tokens=held_out_tokens, progress=update)
+    _show_card(card)
 
 
 @app.command("eval")
@@ -132,6 +171,10 @@ def _show_card(card: dict) -> None:
     for a in ev.get("levels", []):
         table.add_row(str(a["level"]), str(a["positions"]), f"{a['top1']:.1%}", f"{a['top4']:.1%}", f"{a['coverage']:.1%}")
     console.print(table)
+    mixed = card.get("context_mix")
+    if mixed and ev.get("levels_draft_only"):
+        alone = ", ".join(f"{a['top1']:.1%}/{a['top4']:.1%}" for a in ev["levels_draft_only"])
+        console.print(f"with the context mix (n-grams up to {len(mixed['weights'])}); the model alone, top-1/top-4 by level: {alone}")
     costs = ev.get("cost_ms_per_level", {})
     if costs:
         shown = [w for w in ("1", "2", "4", "8", "16") if w in costs]

@@ -155,7 +155,7 @@ def test_saved_draft_loads_and_decodes(tiny_target, tmp_path):
     proposer = make_proposer(str(tmp_path / "d"), loaded(tiny_target))
     assert isinstance(proposer, HeadsProposer) and proposer.model.out.weight.dtype == torch.bfloat16
     check_greedy_lossless(proposer.model, tiny_target, [1, 5, 9, 3, 7])
-    costs = level_costs(back, widths=(1, 4), prefix=16, repeats=2)
+    costs = level_costs(back.proposer(), widths=(1, 4), prefix=16, repeats=2)
     assert set(costs) == {1, 4} and all(ms >= 0 for ms in costs.values())
 
 

@@ -92,13 +92,14 @@ def models():
     return target, draft
 
 
-def exact_joint(target: TableLM, config: SamplingConfig, length: int) -> torch.Tensor:  # [8**length]
-    """P(first ``length`` tokens) by enumeration, in the order of itertools.product."""
+def exact_joint(target: TableLM, config: SamplingConfig, length: int, prompt: list[int] = PROMPT) -> torch.Tensor:
+    """P(first ``length`` tokens after ``prompt``) by enumeration ([8**length], in the order
+    of itertools.product)."""
     joint = []
     for seq in itertools.product(range(VOCAB), repeat=length):
         prob = 1.0
         for t in range(length):
-            prob *= float(logits_to_probs(target.next_logits(tuple(PROMPT) + seq[:t]), config)[seq[t]])
+            prob *= float(logits_to_probs(target.next_logits(tuple(prompt) + seq[:t]), config)[seq[t]])
         joint.append(prob)
     return torch.tensor(joint, dtype=torch.float64)
 

@@ -88,12 +88,13 @@ def check_tree_matches_unroll(model: TrainedDraft, target) -> None:
     assert proposer.propose(ctx, tree).tokens.tolist() == draft.tokens.tolist()  # repeatable
 
 
-def check_greedy_lossless(model: TrainedDraft, target, prompt: list[int]) -> None:
-    """Engine output equals the target's greedy ``generate`` for several tree shapes."""
+def check_greedy_lossless(model: TrainedDraft, target, prompt: list[int], mix=None) -> None:
+    """Engine output equals the target's greedy ``generate`` for several tree shapes (the
+    proposer's candidates mixed with the context's n-grams by ``mix`` if given)."""
     ids = torch.tensor([prompt])
     expected = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20, pad_token_id=0)
     for tree in (Tree((-1, 0, 1, 2)), Tree.from_children_counts([3, 2, 2, 1, 1, 1]), Tree((-1, 0, 0))):
-        engine = Engine(target, model.proposer(), tree)
+        engine = Engine(target, model.proposer(mix), tree)
         tokens = [t for step in engine.generate(torch.tensor(prompt), 20) for t in step.tokens]
         assert tokens == expected[0, len(prompt) :].tolist()
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.heads import HeadsProposer, last_hidden
 from sequoia.drafts.trained import NO_TOKEN, DraftConfig, ReducedVocab, TrainedDraft, shift_right
 from sequoia.prepack import packed
@@ -179,8 +180,8 @@ class ChimeraDraft(TrainedDraft):
             states.append(state)
         return states
 
-    def proposer(self) -> ChimeraProposer:
-        return ChimeraProposer(self)
+    def proposer(self, mix: ContextMix | None = None) -> ChimeraProposer:
+        return ChimeraProposer(self, mix)
 
 
 @torch.no_grad()
@@ -211,8 +212,8 @@ class ChimeraProposer(HeadsProposer):
 
     model: ChimeraDraft
 
-    def __init__(self, model: ChimeraDraft) -> None:
-        super().__init__(model)
+    def __init__(self, model: ChimeraDraft, mix: ContextMix | None = None) -> None:
+        super().__init__(model, mix)
         self._input = packed(folded_input(model))
 
     def _encoder_input(self, prev2, prev1, tokens, state) -> torch.Tensor:  # as ChimeraDraft.encoder_input
@@ -220,6 +221,7 @@ class ChimeraProposer(HeadsProposer):
         return self._input(torch.cat([embedded, state.to(embedded)], dim=-1))
 
     def reset(self) -> None:
+        super().reset()
         self._keys: torch.Tensor | None = None  # [capacity, H, dh]
         self._values: torch.Tensor | None = None
         self._cached = 0  # accepted positions at the head of the key/value buffer

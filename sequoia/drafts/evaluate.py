@@ -7,7 +7,10 @@ greedy acceptance of the first (first four) candidates of a node, given that ver
 got that deep -- the quantity the tree solver consumes. ``coverage`` is the share of those
 target tokens inside the draft's reduced vocabulary: no candidate list can do better.
 
-*Cost* of a level of ``w`` nodes is measured on the real proposer: the time of a proposal
+With a context mix (:mod:`sequoia.drafts.context_mix`) the agreement is that of the mixed
+candidates, as the proposer makes them; the card also keeps the model's own.
+
+*Cost* of a level of ``w`` nodes is measured on the real proposer (context mix included): the time of a proposal
 for a root with ``w`` children that each get one child, minus that for a root with ``w``
 children -- i.e. one batched head forward over ``w`` nodes plus choosing their candidates.
 """
@@ -16,20 +19,26 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 
 from sequoia.drafts.base import DraftContext
+from sequoia.drafts.context_mix import MAX_NGRAM, ContextMix, components, fit_weights
 from sequoia.drafts.features import FeatureCache, FeatureSet
-from sequoia.drafts.trained import TrainedDraft, load_draft, load_trained_proposer
+from sequoia.drafts.heads import HeadsProposer
+from sequoia.drafts.ngram import NgramIndex, Suffix
+from sequoia.drafts.trained import TrainedDraft, load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 
 TOP = (1, 4)
+COST_TOKENS = 16  # distinct ids of the context a level is timed in
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,37 +53,98 @@ class LevelAgreement:
 
 
 @torch.no_grad()
-def agreement(model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096) -> list[LevelAgreement]:
-    """Held-out greedy agreement of every level of ``model`` (see the module docstring)."""
+def agreement(
+    model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096, mix: ContextMix | None = None
+) -> list[LevelAgreement]:
+    """Held-out greedy agreement of every level of ``model`` (see the module docstring), of its
+    candidates mixed with the context's n-grams by ``mix`` when given, as the proposer does."""
     levels = model.config.heads
     hits = torch.zeros(levels, len(TOP) + 1, dtype=torch.long)  # top-1, top-4, covered
     counts = torch.zeros(levels, dtype=torch.long)
-    device = model.out.weight.device
-    ids, index = model.vocab.ids.to(device), model.vocab.index.to(device)
-    for batch in features.batches(max_tokens):
-        batch = batch.to(device)
-        for level, state in enumerate(model.unroll_states(batch.tokens, batch.hidden)):
-            mask = batch.mask(level, generated_only=True)
-            target = batch.top1[mask]  # [m]
-            best = ids[model.out(state[mask]).topk(max(TOP), dim=-1).indices]  # [m, 4] full ids
-            for j, k in enumerate(TOP):
-                hits[level, j] += int((best[:, :k] == target[:, None]).any(-1).sum())
-            hits[level, -1] += int((index[target] >= 0).sum())
-            counts[level] += len(target)
+    ids, index = model.vocab.ids.to(model.out.weight.device), model.vocab.index.to(model.out.weight.device)
+    lookup = None if mix is None else mix.lookup
+    for level, logits, target, parts in scored_positions(model, features, lookup, mix.max_ngram if mix else 0, max_tokens):
+        if mix is None:
+            best = ids[logits.topk(max(TOP), dim=-1).indices]  # [m, 4] full ids
+        else:
+            q, columns = mix.mix(logits.float().softmax(-1), parts, model.vocab.rows, ids)
+            best = columns[q.topk(max(TOP), dim=-1).indices]
+        for j, k in enumerate(TOP):
+            hits[level, j] += int((best[:, :k] == target[:, None]).any(-1).sum())
+        hits[level, -1] += int((index[target] >= 0).sum())
+        counts[level] += len(target)
     rates = hits.double() / counts.clamp(min=1)[:, None]
     return [LevelAgreement(k + 1, int(counts[k]), *(float(x) for x in rates[k])) for k in range(levels)]
 
 
-def level_costs(
+def scored_positions(
     model: TrainedDraft,
+    features: FeatureSet,
+    per_position: Callable[[NgramIndex, Suffix], T] | None = None,
+    max_ngram: int = 0,
+    max_tokens: int = 4096,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[T]]]:
+    """``(level, logits [m, r], target's greedy tokens [m], per-position values)`` for every
+    level and every position decoding meets, teacher-forced along the target's tokens.
+
+    ``per_position(index, suffix)`` sees what a proposal there would: the n-gram index of the
+    sequence up to the root and the last ``max_ngram`` tokens up to the scored node.
+    """
+    device = model.out.weight.device
+    for batch in features.batches(max_tokens):
+        batch = batch.to(device)
+        for level, state in enumerate(model.unroll_states(batch.tokens, batch.hidden)):
+            mask = batch.mask(level, generated_only=True)
+            values: list[T] = []
+            if per_position is not None:
+                for row, positions in _positions_by_row(mask):
+                    text, index = batch.tokens[row, : int(batch.lengths[row])].tolist(), NgramIndex(max_ngram)
+                    for i in positions:
+                        index.extend(text[len(index.text) : i - level + 1])
+                        values.append(per_position(index, tuple(text[max(0, i + 1 - max_ngram) : i + 1])))
+            yield level, model.out(state[mask]), batch.top1[mask], values
+
+
+def _positions_by_row(mask: torch.Tensor) -> Iterator[tuple[int, list[int]]]:  # [B, T] bool
+    """Each row's true positions, ascending, in the order ``tensor[mask]`` lists them."""
+    for row, keep in enumerate(mask.cpu().tolist()):
+        positions = [i for i, k in enumerate(keep) if k]
+        if positions:
+            yield row, positions
+
+
+@torch.no_grad()
+def fit_context_mix(model: TrainedDraft, features: FeatureSet, max_ngram: int = MAX_NGRAM) -> tuple[ContextMix, int]:
+    """The :class:`ContextMix` weights that maximise the likelihood of the target's greedy
+    tokens over ``features`` (all levels pooled), and the number of positions fitted on."""
+    q_target, p_target, matched = [], [], []
+    found = partial(components, max_ngram=max_ngram)
+    for _, logits, target, comps in scored_positions(model, features, found, max_ngram):
+        rows = model.vocab.index.to(target.device)[target]
+        q = logits.float().softmax(-1).gather(1, rows.clamp(min=0)[:, None])[:, 0]
+        q_target.append(torch.where(rows >= 0, q, 0.0).cpu())
+        p = torch.zeros(len(target), max_ngram, dtype=torch.float64)
+        for j, (per_n, token) in enumerate(zip(comps, target.tolist())):
+            for n, followers in enumerate(per_n):
+                p[j, n] = followers.get(token, 0.0)
+        p_target.append(p)
+        matched.append(torch.tensor([[n < len(per_n) for n in range(max_ngram)] for per_n in comps], dtype=torch.bool).reshape(-1, max_ngram))
+    q_target, p_target, matched = torch.cat(q_target), torch.cat(p_target), torch.cat(matched)
+    return fit_weights(q_target, p_target, matched), len(q_target)
+
+
+def level_costs(
+    proposer: HeadsProposer,
     widths: Sequence[int] = tuple(range(1, 17)),
     prefix: int = 256,
     repeats: int = 20,
     seed: int = 0,
     threads: int | None = None,
 ) -> dict[int, float]:
-    """Milliseconds per tree level of ``w`` nodes, for each ``w`` in ``widths`` (greedy; the
-    minimum over ``repeats`` interleaved timings, which a busy machine inflates least).
+    """Milliseconds per tree level of ``w`` nodes, for each ``w`` in ``widths``, of a trained
+    draft's ``proposer`` (greedy; the minimum over ``repeats`` interleaved timings, which a
+    busy machine inflates least). The context repeats ``COST_TOKENS`` token ids, so a context
+    mix finds matches at every node (its slowest case).
 
     ``threads`` sets torch's CPU threads while timing; the default leaves them as they are,
     which is how the engine runs the draft and how a device profile times the target, so the
@@ -84,16 +154,16 @@ def level_costs(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _level_costs(model, widths, prefix, repeats, seed)
+        return _level_costs(proposer, widths, prefix, repeats, seed)
     finally:
         torch.set_num_threads(saved)
 
 
 @torch.inference_mode()
-def _level_costs(model: TrainedDraft, widths: Sequence[int], prefix: int, repeats: int, seed: int) -> dict[int, float]:
-    proposer = model.proposer()
+def _level_costs(proposer: HeadsProposer, widths: Sequence[int], prefix: int, repeats: int, seed: int) -> dict[int, float]:
+    model = proposer.model
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.config.vocab_size, (prefix,), generator=gen)
+    tokens = model.vocab.ids[torch.randint(0, min(COST_TOKENS, model.vocab.size), (prefix,), generator=gen)]
     hidden = torch.randn(prefix - 1, model.config.hidden_size, generator=gen).to(model.out.weight)
     ctx = DraftContext(tokens, SamplingConfig(), gen, hidden_states=hidden)
     proposer.warmup()
@@ -114,13 +184,19 @@ def _level_costs(model: TrainedDraft, widths: Sequence[int], prefix: int, repeat
 
 
 def evaluation_record(
-    levels: Sequence[LevelAgreement], costs: dict[int, float], held_out_tokens: int, device: torch.device | str
+    levels: Sequence[LevelAgreement],
+    costs: dict[int, float],
+    held_out_tokens: int,
+    device: torch.device | str,
+    draft_only: Sequence[LevelAgreement] | None = None,
 ) -> dict[str, Any]:
-    """The card's ``evaluation`` entry."""
+    """The card's ``evaluation`` entry; ``levels`` are the proposer's (context mix included),
+    ``draft_only`` the trained model's alone where a context mix is used."""
     return {
         "held_out": f"built-in prompts, target greedy continuations of {held_out_tokens} tokens",
         "positions": levels[0].positions if levels else 0,
         "levels": [asdict(a) for a in levels],
+        **({"levels_draft_only": [asdict(a) for a in draft_only]} if draft_only is not None else {}),
         "cost_ms_per_level": {str(w): round(ms, 3) for w, ms in costs.items()},
         "cost_dtype": "bfloat16",
         "cost_device": str(device),
@@ -132,9 +208,12 @@ def evaluate_draft(spec: str | os.PathLike, loaded: LoadedModel, work: str | os.
     """Held-out agreement per level and bfloat16 cost per level of the draft ``spec`` for the
     target ``loaded`` (held-out features cached in ``work``): the card's ``evaluation``."""
     model = load_draft(spec, loaded.model).to(loaded.device)
-    levels = agreement(model, FeatureCache(work, loaded).held_out(max_new_tokens=held_out_tokens))
-    costs = level_costs(load_trained_proposer(spec, loaded.model).model)
-    return evaluation_record(levels, costs, held_out_tokens, loaded.device)
+    held_out = FeatureCache(work, loaded).held_out(max_new_tokens=held_out_tokens)
+    mix = load_context_mix(spec)
+    levels = agreement(model, held_out, mix=mix)
+    draft_only = None if mix is None else agreement(model, held_out)
+    costs = level_costs(load_trained_proposer(spec, loaded.model))
+    return evaluation_record(levels, costs, held_out_tokens, loaded.device, draft_only)
 
 
 def measure_acceptance(

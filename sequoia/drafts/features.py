@@ -110,6 +110,16 @@ class FeatureSet:
             lse[row, : b - a], top1[row, : b - a] = self.lse[a:b], self.top1[a:b]
         return FeatureBatch(tokens, hidden, lse, top1, lengths, self.prompt_lens[list(indices)])
 
+    def sample(self, sequences: int, seed: int = 0) -> FeatureSet:
+        """``sequences`` sequences drawn at random without replacement (all when fewer)."""
+        order = torch.randperm(self.num_sequences, generator=torch.Generator().manual_seed(seed))[:sequences]
+        parts = []
+        for s in sorted(order.tolist()):
+            a, b = int(self.offsets[s]), int(self.offsets[s + 1])
+            flat = {name: getattr(self, name)[a:b] for name in _FIELDS if name not in ("offsets", "prompt_lens")}
+            parts.append(FeatureSet(offsets=torch.tensor([0, b - a]), prompt_lens=self.prompt_lens[s : s + 1], **flat))
+        return FeatureSet.concat(parts)
+
     def random_batch(self, generator: torch.Generator, max_tokens: int) -> FeatureBatch:
         """Random sequences (at least one) until the padded batch would exceed ``max_tokens``."""
         order = torch.randperm(self.num_sequences, generator=generator).tolist()
@@ -237,11 +247,13 @@ class FeatureCache:
             raise ConfigError(f"{self.root} holds features of another target or dtype ({read_json(path)}); use another --work directory")
         write_json_atomic(path, meta)
 
-    def train(self, stores: Sequence[DataStore], progress: Progress | None = None) -> FeatureSet:
-        """Features of every sequence of ``stores``, in order; chunks already cached are read back."""
-        return FeatureSet.concat([self._store(store, progress) for store in stores])
+    def train(self, stores: Sequence[DataStore], progress: Progress | None = None, limit: int | None = None) -> FeatureSet:
+        """Features of every sequence of ``stores`` (with ``limit``: of each store's first
+        ``limit`` sequences, rounded up to whole cached chunks), in order; chunks already
+        cached are read back."""
+        return FeatureSet.concat([self._store(store, progress, limit) for store in stores])
 
-    def _store(self, store: DataStore, progress: Progress | None) -> FeatureSet:
+    def _store(self, store: DataStore, progress: Progress | None, limit: int | None = None) -> FeatureSet:
         """One store's features, cached in a folder named after the store's directory."""
         if store.manifest.target != self.loaded.name:
             raise ConfigError(f"the data store {store.root} was sampled from {store.manifest.target}, not {self.loaded.name}")
@@ -254,6 +266,8 @@ class FeatureCache:
             )
         write_json_atomic(source, store.manifest.identity())
         sequences = list(store.sequences())
+        if limit is not None:
+            sequences = sequences[: -(-limit // CHUNK) * CHUNK]  # a partial chunk would overwrite the cached one
         parts, total = [], len(sequences)
         for index, start in enumerate(range(0, total, CHUNK)):
             chunk = sequences[start : start + CHUNK]

@@ -6,7 +6,9 @@ own token is the head's token input and its parent's head output is the head's s
 (for the root: the target's hidden state of the token before it). All nodes of a level that
 have children go through their head in one forward, best candidates first: the top-c of the
 head's reduced-vocabulary logits when greedy, draws from ``q`` (zero outside the reduced
-vocabulary) otherwise.
+vocabulary) otherwise. With a :class:`~sequoia.drafts.context_mix.ContextMix` (from the
+draft's card) each node's distribution is first mixed with the n-gram statistics of its own
+text (context plus path), and the candidates come from the mixture.
 
 Depth limit: a draft has no head for levels past its last, so a tree deeper than ``heads``
 raises :class:`~sequoia.errors.ConfigError` instead of guessing with a head trained for
@@ -21,8 +23,11 @@ from __future__ import annotations
 import torch
 
 from sequoia.drafts.base import Draft, DraftContext, Proposer
-from sequoia.drafts.lm import choose_candidates
+from sequoia.drafts.context_mix import ContextMix
+from sequoia.drafts.lm import best_candidates, choose_candidates, draw_candidates
+from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.drafts.trained import TrainedDraft
+from sequoia.sampling import logits_to_probs
 from sequoia.errors import ConfigError
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
@@ -33,14 +38,16 @@ class HeadsProposer(Proposer):
 
     needs_hidden_states = True
 
-    def __init__(self, model: TrainedDraft) -> None:
+    def __init__(self, model: TrainedDraft, mix: ContextMix | None = None) -> None:
         self.model = model
         self.vocab = model.vocab
         self.max_depth = model.config.heads
+        self.mix = mix
         self.reset()
 
     def reset(self) -> None:
-        """Per-prompt state lives in subclasses; the base keeps none."""
+        """Forget the prompt (subclasses with per-prompt state extend this)."""
+        self.index = None if self.mix is None else NgramIndex(self.mix.max_ngram)
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -63,15 +70,38 @@ class HeadsProposer(Proposer):
         probs = None if ctx.sampling.greedy else torch.zeros(tree.size, self.vocab.vocab_size, device=device)
         self._begin(ctx, tree, tokens)  # also for a bare root: a draft may keep the hidden states
         ids = self.vocab.ids.to(device)
+        suffixes = self._root_suffixes(ctx, tree)
         for level, expansion in enumerate(tree.expansions):
             parents = expansion.parents.to(device)  # [p]
             logits = self._level(level, parents)  # [p, r]
-            candidates, q = choose_candidates(logits, expansion.keep.shape[1], ctx)  # [p, width] rows of r
+            width = expansion.keep.shape[1]
+            if suffixes is None:
+                candidates, q = choose_candidates(logits, width, ctx)  # [p, width] rows of r
+                columns = ids
+            else:
+                q, columns = self._mixed(logits, [suffixes[p] for p in expansion.parents.tolist()], ctx)
+                candidates = best_candidates(q, width) if ctx.sampling.greedy else draw_candidates(q, width, ctx)
             below = tree.levels[level + 1]
-            tokens[below[0] : below[-1] + 1] = ids[expansion.children(candidates)]
+            tokens[below[0] : below[-1] + 1] = columns[expansion.children(candidates)]
             if probs is not None:
-                probs[parents] = self.vocab.to_full_probs(q)
+                probs[parents] = self.vocab.to_full_probs(q, columns)
+            if suffixes is not None:
+                for node, token in zip(below, tokens[below[0] : below[-1] + 1].tolist()):
+                    suffixes[node] = (suffixes[tree.parents[node]] + (token,))[-self.mix.max_ngram :]
         return Draft(tokens, probs)
+
+    def _root_suffixes(self, ctx: DraftContext, tree: Tree) -> list[Suffix] | None:
+        """Without a mix None; else the root's suffix (the context's tail), the rest to fill."""
+        if self.mix is None:
+            return None
+        self.index.sync(ctx.tokens)
+        return [tuple(self.index.text[-self.mix.max_ngram :])] + [()] * (tree.size - 1)
+
+    def _mixed(self, logits: torch.Tensor, suffixes: list[Suffix], ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture ``q'`` of each row (greedy: of the plain softmax) and its columns' ids."""
+        q = logits.float().softmax(-1) if ctx.sampling.greedy else logits_to_probs(logits, ctx.sampling)
+        parts = [self.mix.lookup(self.index, suffix) for suffix in suffixes]
+        return self.mix.mix(q, parts, self.vocab.rows, self.vocab.ids)
 
     def observe(self, step) -> None:
         """Nothing to trim: tree nodes never enter any state kept across steps."""

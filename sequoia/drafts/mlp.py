@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.heads import HeadsProposer, last_hidden
 from sequoia.drafts.trained import DraftConfig, ReducedVocab, TrainedDraft, shift_right
 from sequoia.tree import Tree
@@ -69,8 +70,8 @@ class MLPSpeculator(TrainedDraft):
             states.append(self.step(level, shift_right(states[-1]), tokens))
         return states[1:]
 
-    def proposer(self) -> MLPProposer:
-        return MLPProposer(self)
+    def proposer(self, mix: ContextMix | None = None) -> MLPProposer:
+        return MLPProposer(self, mix)
 
 
 class MLPProposer(HeadsProposer):

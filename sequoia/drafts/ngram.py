@@ -29,26 +29,65 @@ from sequoia.tree import Tree
 Suffix = tuple[int, ...]
 
 
+class NgramIndex:
+    """Which tokens followed each suffix of ``0..max_ngram`` tokens in a growing text.
+
+    Each appended token is indexed under each of the ``0..max_ngram`` tokens before it, with
+    how often and where it last followed them; rankings are memoised until a suffix changes.
+    """
+
+    def __init__(self, max_ngram: int) -> None:
+        if max_ngram < 1:
+            raise ConfigError(f"the n-gram length must be at least 1, got {max_ngram}")
+        self.max_ngram = max_ngram
+        self.text: list[int] = []
+        self._followers: dict[Suffix, dict[int, list[int]]] = {}  # suffix -> token -> [count, last]
+        self._ranked: dict[Suffix, list[int]] = {}  # suffix -> followers best first (memo)
+
+    def sync(self, tokens: torch.Tensor) -> None:
+        """Index the tokens of ``tokens`` (the whole text so far) not indexed yet."""
+        self.extend(tokens[len(self.text) :].tolist())
+
+    def extend(self, new_tokens: list[int]) -> None:
+        for token in new_tokens:
+            i = len(self.text)
+            for n in range(min(self.max_ngram, i) + 1):
+                suffix = tuple(self.text[i - n : i])
+                record = self._followers.setdefault(suffix, {}).setdefault(token, [0, i])
+                record[0] += 1
+                record[1] = i
+                self._ranked.pop(suffix, None)
+            self.text.append(token)
+
+    def counts(self, suffix: Suffix) -> dict[int, list[int]]:
+        """``token -> [count, last position]`` of the tokens that followed ``suffix`` ({}: none)."""
+        return self._followers.get(suffix, {})
+
+    def ranking(self, suffix: Suffix) -> list[int]:
+        """The tokens that followed ``suffix``, most frequent first, then most recent."""
+        if suffix not in self._ranked:
+            order = sorted(self.counts(suffix).items(), key=lambda kv: (-kv[1][0], -kv[1][1]))
+            self._ranked[suffix] = [token for token, _ in order]
+        return self._ranked[suffix]
+
+
 class NgramProposer(Proposer):
     """Prompt-lookup decoding generalised to trees (see the module docstring)."""
 
     needs_hidden_states = False
 
     def __init__(self, max_ngram: int = 3) -> None:
-        if max_ngram < 1:
-            raise ConfigError(f"the n-gram length must be at least 1, got {max_ngram}")
         self.max_ngram = max_ngram
         self.reset()
 
     def reset(self) -> None:
-        self._text: list[int] = []
-        self._followers: dict[Suffix, dict[int, list[int]]] = {}  # suffix -> token -> [count, last]
-        self._ranked: dict[Suffix, list[int]] = {}  # suffix -> followers best first (memo)
+        self.index = NgramIndex(self.max_ngram)
 
     def propose(self, ctx: DraftContext, tree: Tree) -> Draft:
-        self._extend(ctx.tokens[len(self._text) :].tolist())
-        tokens = [self._text[-1]]
-        suffixes = [tuple(self._text[-self.max_ngram :])]
+        self.index.sync(ctx.tokens)
+        text = self.index.text
+        tokens = [text[-1]]
+        suffixes = [tuple(text[-self.max_ngram :])]
         for node, kids in enumerate(tree.children):  # BFS: a node's suffix exists before its kids
             for token in self._candidates(suffixes[node], len(kids)):
                 tokens.append(token)
@@ -59,7 +98,7 @@ class NgramProposer(Proposer):
         """``count`` distinct tokens: longest suffix matches first, then the token counts."""
         chosen: dict[int, None] = {}  # insertion-ordered set
         for n in range(len(suffix), -1, -1):
-            for token in self._ranking(suffix[len(suffix) - n :]):
+            for token in self.index.ranking(suffix[len(suffix) - n :]):
                 if len(chosen) == count:
                     return list(chosen)
                 chosen.setdefault(token)
@@ -68,22 +107,3 @@ class NgramProposer(Proposer):
             chosen.setdefault(pad)
             pad += 1
         return list(chosen)
-
-    def _ranking(self, suffix: Suffix) -> list[int]:
-        if suffix not in self._ranked:
-            followers = self._followers.get(suffix, {})
-            order = sorted(followers.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))
-            self._ranked[suffix] = [token for token, _ in order]
-        return self._ranked[suffix]
-
-    def _extend(self, new_tokens: list[int]) -> None:
-        """Index each new token under the 0..max_ngram tokens before it."""
-        for token in new_tokens:
-            i = len(self._text)
-            for n in range(min(self.max_ngram, i) + 1):
-                suffix = tuple(self._text[i - n : i])
-                record = self._followers.setdefault(suffix, {}).setdefault(token, [0, i])
-                record[0] += 1
-                record[1] = i
-                self._ranked.pop(suffix, None)
-            self._text.append(token)

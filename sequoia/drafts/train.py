@@ -32,10 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from sequoia.drafts.data import DataStore
-from sequoia.drafts.evaluate import LevelAgreement, agreement, evaluation_record, level_costs
+from sequoia.drafts.context_mix import CARD_KEY, MAX_NGRAM, ContextMix
+from sequoia.drafts.evaluate import (
+    LevelAgreement, agreement, evaluate_draft, evaluation_record, fit_context_mix, level_costs,
+)
 from sequoia.drafts.features import FeatureBatch, FeatureCache, FeatureSet
 from sequoia.drafts.trained import (
-    ReducedVocab, TrainedDraft, draft_kinds, load_trained_proposer, read_card, save_draft, update_card,
+    ReducedVocab, TrainedDraft, draft_dir, draft_kinds, load_draft, load_trained_proposer, read_card, save_draft,
+    update_card,
 )
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name
@@ -46,6 +50,7 @@ CHECKPOINT_FORMAT = "sequoia-draft-checkpoint/1"
 # Rows per output-layer chunk of the loss: its float32 buffers stay under 32 MB, which glibc
 # reuses from its heap; larger ones it maps afresh each step, and the page faults cost ~20% of a CPU step.
 LOSS_ROWS = 192
+MIX_SEQUENCES = 256  # training sequences the context mix is fitted on
 WARMUP_STEPS = 50
 FINAL_LR_SHARE = 0.1
 Progress = Callable[[int, int, str], None]
@@ -68,6 +73,7 @@ class TrainSettings:
     minutes: float | None = 60.0
     eval_every: int = 50
     checkpoint_every: int = 50
+    context_mix: int = MAX_NGRAM  # longest suffix of the context mix fitted after training; 0: none
 
     def __post_init__(self) -> None:
         kinds = ("mlp", "chimera")
@@ -77,6 +83,8 @@ class TrainSettings:
             raise ConfigError("give a budget: --steps, --minutes or both")
         if min(self.heads, self.vocab, self.batch_tokens, self.eval_every, self.checkpoint_every) < 1:
             raise ConfigError("--heads, --vocab, --batch-tokens and the intervals must be at least 1")
+        if self.context_mix < 0:
+            raise ConfigError(f"--context-mix must be 0 (none) or a suffix length, got {self.context_mix}")
         if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
             raise ConfigError("--steps and --minutes must be positive")
         if self.precision not in ("bfloat16", "float32"):
@@ -274,8 +282,9 @@ def train_from_store(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The whole recipe: target features of the ``data`` stores (their sequences pooled) and of
-    the held-out prompts (cached in ``work``), training, then the draft saved to ``out`` with a card recording the data,
-    the held-out agreement per level and the bfloat16 cost per level. Returns the card."""
+    the held-out prompts (cached in ``work``), training, the context mix fitted (unless
+    ``settings.context_mix`` is 0), then the draft saved to ``out`` with a card recording the
+    data, the mix, the held-out agreement per level and the bfloat16 cost per level. Returns the card."""
     cache = FeatureCache(work, loaded)
     train = cache.train(data, progress)
     held_out = cache.held_out(max_new_tokens=held_out_tokens)
@@ -289,6 +298,44 @@ def train_from_store(
         "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
         "target_dtype": dtype_name(loaded.dtype),
     }})
-    costs = level_costs(load_trained_proposer(out, loaded.model).model)
-    update_card(out, {"evaluation": evaluation_record(report.agreement, costs, held_out_tokens, device)})
+    levels, draft_only = report.agreement, None
+    if settings.context_mix:
+        mix = fit_mix(model, train, settings.context_mix, settings.seed, out)
+        levels, draft_only = agreement(model, held_out, mix=mix), report.agreement
+    costs = level_costs(load_trained_proposer(out, loaded.model))
+    update_card(out, {"evaluation": evaluation_record(levels, costs, held_out_tokens, device, draft_only)})
     return read_card(Path(out))
+
+
+def fit_mix(model: TrainedDraft, features: FeatureSet, max_ngram: int, seed: int = 0, out: str | os.PathLike | None = None) -> ContextMix:
+    """Fit the context mix of ``model`` on ``MIX_SEQUENCES`` random sequences of ``features``
+    and, with ``out``, record it in that draft's card."""
+    sample = features.sample(MIX_SEQUENCES, seed)
+    mix, positions = fit_context_mix(model, sample, max_ngram)
+    if out is not None:
+        update_card(out, {CARD_KEY: mix.to_json(sequences=sample.num_sequences, positions=positions)})
+    return mix
+
+
+def refit_mix(
+    spec: str | os.PathLike,
+    loaded: LoadedModel,
+    data: Sequence[DataStore],
+    work: str | os.PathLike,
+    max_ngram: int = MAX_NGRAM,
+    seed: int = 0,
+    held_out_tokens: int = 128,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fit a saved draft's context mix on the first chunks of its training ``data`` (target
+    features cached in ``work``), then re-evaluate it; returns the updated card."""
+    model = load_draft(spec, loaded.model).to(loaded.device)
+    features = FeatureCache(work, loaded).train(data, progress, limit=MIX_SEQUENCES)
+    fit_mix(model, features, max_ngram, seed, spec)
+    update_card(spec, {"evaluation": evaluate_draft(spec, loaded, work, held_out_tokens)})
+    return read_card(draft_dir(spec))
+
+
+def drop_mix(spec: str | os.PathLike) -> None:
+    """Remove a saved draft's context mix (its evaluation is then out of date)."""
+    update_card(spec, {CARD_KEY: None})

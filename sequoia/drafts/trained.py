@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sequoia.drafts.context_mix import ContextMix
 from sequoia.errors import ConfigError, FileFormatError, ModelError
 from sequoia.prepack import prepack_linears
 from sequoia.tree import read_json, write_atomic, write_json_atomic
@@ -66,11 +67,17 @@ class ReducedVocab:
         table[self.ids] = torch.arange(self.size)
         return table
 
-    def to_full_probs(self, q: torch.Tensor) -> torch.Tensor:  # [m, r] -> [m, vocab] float32
-        """Scatter reduced-vocabulary probabilities into the full vocabulary (zeros elsewhere)."""
-        assert q.ndim == 2 and q.shape[1] == self.size
+    @cached_property
+    def rows(self) -> dict[int, int]:  # full id -> row, for lookups from Python
+        return {int(t): row for row, t in enumerate(self.ids.tolist())}
+
+    def to_full_probs(self, q: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:  # [m, c] -> [m, vocab]
+        """Scatter probabilities over distinct full ids ``columns`` (default: the reduced
+        vocabulary's) into the full vocabulary, zeros elsewhere; float32."""
+        columns = self.ids if columns is None else columns
+        assert q.ndim == 2 and q.shape[1] == len(columns)
         full = torch.zeros(q.shape[0], self.vocab_size, dtype=torch.float32, device=q.device)
-        return full.index_copy_(1, self.ids.to(q.device), q.float())
+        return full.index_copy_(1, columns.to(q.device), q.float())
 
     @classmethod
     def most_frequent(cls, tokens: np.ndarray, size: int, vocab_size: int, always: tuple[int, ...] = ()) -> ReducedVocab:
@@ -163,8 +170,9 @@ class TrainedDraft(nn.Module):
         """:meth:`unroll_states` through the output layer: ``heads x [B, T, r]`` logits."""
         return [self.out(state) for state in self.unroll_states(tokens, hidden)]
 
-    def proposer(self):
-        """The :class:`~sequoia.drafts.base.Proposer` that grows trees with this model."""
+    def proposer(self, mix=None):
+        """The :class:`~sequoia.drafts.base.Proposer` that grows trees with this model, its
+        candidates mixed with the context's n-grams by ``mix`` (a ``ContextMix``) if given."""
         raise NotImplementedError
 
 
@@ -316,10 +324,11 @@ def load_draft(spec: str | os.PathLike, target=None) -> TrainedDraft:
     return model.eval()
 
 
-def load_trained_proposer(spec: str | os.PathLike, target):
+def load_trained_proposer(spec: str | os.PathLike, target, context_mix: bool = True):
     """The proposer of a trained draft for ``target`` (a ``PreTrainedModel``), on the target's
     device, in bfloat16 where that device computes it (else the target's dtype), with its
-    linear weights packed once where that helps (:mod:`sequoia.prepack`)."""
+    linear weights packed once where that helps (:mod:`sequoia.prepack`), and its card's
+    context mix (:mod:`sequoia.drafts.context_mix`) unless ``context_mix`` is false."""
     from sequoia.models import check_dtype_runs
 
     weight = target.get_input_embeddings().weight
@@ -330,7 +339,15 @@ def load_trained_proposer(spec: str | os.PathLike, target):
         dtype = weight.dtype
     model = load_draft(spec, target).to(weight.device, dtype)
     prepack_linears(model)
-    return model.proposer()
+    return model.proposer(load_context_mix(spec) if context_mix else None)
+
+
+def load_context_mix(spec: str | os.PathLike) -> ContextMix | None:
+    """The context mix a trained draft's card records, or None."""
+    directory = draft_dir(spec)
+    if directory is None:
+        raise FileFormatError(f"no trained draft at {spec} (missing {CARD})")
+    return ContextMix.from_card(read_card(directory), str(directory / CARD))
 
 
 def check_target(config: DraftConfig, target, trained_for: str, where: Path | str) -> None:

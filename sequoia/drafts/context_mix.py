@@ -1,0 +1,141 @@
+"""Mixing a trained draft with what its own context repeats (an interpolated n-gram).
+
+Text repeats itself -- names, code identifiers, list formats, a small model's loops -- and a
+one-layer draft over a reduced vocabulary copies it poorly. So a node's candidates come from a
+mixture of the draft's distribution ``q`` and, for every suffix length ``n = 1..max_ngram``
+of the node's text (context plus path) that occurred earlier in the context, the empirical
+distribution ``P_n`` of the tokens that followed it::
+
+    q'(t) = (q(t) + sum_n w_n P_n(t)) / (1 + sum_n w_n)      (n over the matched lengths)
+
+``P_n`` keeps the ``FOLLOWERS`` most frequent followers. The weights ``w_n`` are fitted once,
+by maximum likelihood of the target's greedy tokens on training sequences
+(:func:`fit_weights`), and stored in the draft's card. ``q'`` is an ordinary draft
+distribution: greedy proposals take its top tokens, stochastic ones draw from it and
+verification receives it, so the output is exactly the target's either way. Followers outside
+the reduced vocabulary become extra candidate columns, shared by the rows of one level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sequoia.drafts.ngram import NgramIndex, Suffix
+from sequoia.errors import FileFormatError
+
+FOLLOWERS = 8  # followers per suffix in P_n
+MAX_NGRAM = 8  # default longest suffix
+CARD_KEY = "context_mix"
+
+
+@dataclass(frozen=True)
+class ContextMix:
+    """The fitted weights ``w_n`` (``n = 1..max_ngram``; the draft's own weight is 1)."""
+
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.weights or not all(math.isfinite(w) and w >= 0 for w in self.weights):
+            raise FileFormatError(f"context-mix weights must be finite and non-negative, got {list(self.weights)}")
+
+    @property
+    def max_ngram(self) -> int:
+        return len(self.weights)
+
+    def lookup(self, index: NgramIndex, suffix: Suffix) -> tuple[dict[int, float], float]:
+        """One node's n-gram part: ``token -> sum_n w_n P_n(token)`` and ``sum_n w_n`` over the
+        suffix lengths that occurred (a length that did not occur ends the search: no longer
+        one can have)."""
+        masses: dict[int, float] = {}
+        total = 0.0
+        for n, followers in enumerate(components(index, suffix, self.max_ngram), start=1):
+            w = self.weights[n - 1]
+            total += w
+            for token, p in followers.items():
+                masses[token] = masses.get(token, 0.0) + w * p
+        return masses, total
+
+    def mix(
+        self,
+        q: torch.Tensor,  # [m, r] float32, the draft's distributions over the reduced vocabulary
+        parts: Sequence[tuple[dict[int, float], float]],  # per row: lookup()
+        rows_of: dict[int, int],  # full id -> reduced-vocabulary row
+        ids: torch.Tensor,  # [r] the reduced vocabulary's full ids
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [m, r + e] q', [r + e] full ids of its columns
+        """``q'`` of every row; followers outside the reduced vocabulary get extra columns."""
+        assert q.ndim == 2 and len(parts) == len(q)
+        extra = sorted({t for masses, _ in parts for t in masses if t not in rows_of})
+        extra_column = {t: len(ids) + j for j, t in enumerate(extra)}
+        rows, cols, values = [], [], []
+        for row, (masses, _) in enumerate(parts):
+            for token, mass in masses.items():
+                col = rows_of.get(token)
+                rows.append(row)
+                cols.append(extra_column[token] if col is None else col)
+                values.append(mass)
+        mixed = torch.cat([q.float(), q.new_zeros(len(q), len(extra), dtype=torch.float32)], dim=1)
+        if rows:
+            index = (torch.tensor(rows, device=q.device), torch.tensor(cols, device=q.device))
+            mixed.index_put_(index, torch.tensor(values, device=q.device), accumulate=True)
+        totals = torch.tensor([1.0 + total for _, total in parts], device=q.device)
+        columns = torch.cat([ids.to(q.device), torch.tensor(extra, dtype=torch.long, device=q.device)])
+        return mixed.div_(totals[:, None]), columns
+
+    def to_json(self, **provenance: Any) -> dict[str, Any]:
+        return {"weights": [round(w, 6) for w in self.weights], "followers": FOLLOWERS, **provenance}
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any], where: str) -> ContextMix | None:
+        """The card's mixture, or None when it has none."""
+        entry = card.get(CARD_KEY)
+        if entry is None:
+            return None
+        weights = entry.get("weights") if isinstance(entry, dict) else None
+        if not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights):
+            raise FileFormatError(f"{where}: '{CARD_KEY}' needs a 'weights' list of numbers")
+        try:
+            return cls(tuple(float(w) for w in weights))
+        except FileFormatError as exc:
+            raise FileFormatError(f"{where}: {exc}") from None
+
+
+def components(index: NgramIndex, suffix: Suffix, max_ngram: int) -> list[dict[int, float]]:
+    """``P_n`` (token -> probability) for ``n = 1, 2, ...`` while the last ``n`` tokens of
+    ``suffix`` occurred in the indexed text with a follower."""
+    found = []
+    for n in range(1, min(len(suffix), max_ngram) + 1):
+        key = suffix[len(suffix) - n :]
+        top = index.ranking(key)[:FOLLOWERS]
+        if not top:
+            break
+        counts = index.counts(key)
+        total = sum(counts[t][0] for t in top)
+        found.append({t: counts[t][0] / total for t in top})
+    return found
+
+
+def fit_weights(
+    q_target: torch.Tensor,  # [N] the draft's probability of the target's token
+    p_target: torch.Tensor,  # [N, K] P_n(target token), zero where not matched
+    matched: torch.Tensor,  # [N, K] bool, suffix length n occurred
+    steps: int = 500,
+) -> ContextMix:
+    """Maximum-likelihood weights: ``argmax sum log q'(target)`` over ``w = exp(theta)``."""
+    assert p_target.shape == matched.shape and q_target.shape == p_target.shape[:1]
+    theta = torch.zeros(p_target.shape[1], requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.05)
+    q_target, p_target, matched = q_target.double(), p_target.double(), matched.double()
+    with torch.enable_grad():  # callers may run under no_grad
+        for _ in range(steps):
+            w = theta.double().exp()
+            likelihood = (q_target + p_target @ w) / (1 + matched @ w)
+            loss = -likelihood.clamp(min=1e-12).log().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return ContextMix(tuple(float(w) for w in theta.detach().exp()))

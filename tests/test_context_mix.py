@@ -179,3 +179,28 @@ def test_agreement_and_fit_on_features(tiny_target):
     mix, positions = fit_context_mix(model, feats, max_ngram=3)
     assert mix.max_ngram == 3 and positions == sum(a.positions for a in agreement(model, feats))
     assert agreement(model, feats, mix=mix)[0].top1 >= agreement(model, feats)[0].top1  # a repetitive text
+
+
+def test_refit_and_drop_a_saved_drafts_mix(tmp_path):
+    """`sequoia draft mix` in the library: fit on a store, re-evaluate, record; then remove."""
+    from word_tokenizer import word_tokenizer
+
+    from sequoia.drafts.data import DataStore, Manifest, generate_data
+    from sequoia.drafts.train import drop_mix, refit_mix
+    from sequoia.drafts.trained import read_card
+
+    target = tiny_llama(seed=0)
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # held-out prompts are chats
+    loaded = LoadedModel(target, tokenizer, "tiny", torch.float32, torch.device("cpu"))
+    settings = Manifest(target="tiny", dtype="float32", temperature=1.0, top_p=1.0, max_new_tokens=24, chat=False)
+    store = DataStore.open_or_create(tmp_path / "s", settings)
+    generate_data(store, loaded, positions=100, batch_size=4)
+    save_draft(random_draft("mlp", target, heads=2), tmp_path / "d", "tiny")
+    card = refit_mix(tmp_path / "d", loaded, [store], tmp_path / "work", max_ngram=3, held_out_tokens=8)
+    assert len(card["context_mix"]["weights"]) == 3 and card["context_mix"]["positions"] > 0
+    levels, alone = card["evaluation"]["levels"], card["evaluation"]["levels_draft_only"]
+    assert len(levels) == len(alone) == 2 and [a["positions"] for a in levels] == [a["positions"] for a in alone]
+    assert load_context_mix(tmp_path / "d") == ContextMix(tuple(card["context_mix"]["weights"]))
+    drop_mix(tmp_path / "d")
+    assert load_context_mix(tmp_path / "d") is None and "evaluation" in read_card(tmp_path / "d")

@@ -224,7 +224,9 @@ def test_stores_are_pooled_and_cached_apart(tiny_target, tmp_path):
         cache.train([clash])
 
 
-@pytest.mark.parametrize("case", ["missing draft", "corrupt draft", "empty store", "unknown kind"])
+@pytest.mark.parametrize(
+    "case", ["missing draft", "corrupt draft", "empty store", "unknown kind", "mix without data", "mix of no draft", "mix ngram 0"]
+)
 def test_cli_bad_input_is_one_line(case, tiny_target, tmp_path):
     from typer.testing import CliRunner
 
@@ -239,6 +241,9 @@ def test_cli_bad_input_is_one_line(case, tiny_target, tmp_path):
         "corrupt draft": (["eval", str(tmp_path / "d")], "corrupt"),
         "empty store": (["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o")], "empty"),
         "unknown kind": (["train", "--kind", "rnn", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o")], "rnn"),
+        "mix without data": (["mix", str(tmp_path / "d")], "--data"),
+        "mix of no draft": (["mix", str(tmp_path / "nothing"), "--data", str(tmp_path / "s")], "not a trained draft"),
+        "mix ngram 0": (["mix", str(tmp_path / "d"), "--max-ngram", "0", "--data", str(tmp_path / "s")], "--max-ngram"),
     }[case]
     result = CliRunner().invoke(app, ["draft", *args])
     lines = result.stderr.strip().splitlines()

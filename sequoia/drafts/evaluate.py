@@ -10,9 +10,10 @@ target tokens inside the draft's reduced vocabulary: no candidate list can do be
 With a context mix (:mod:`sequoia.drafts.context_mix`) the agreement is that of the mixed
 candidates, as the proposer makes them; the card also keeps the model's own.
 
-*Cost* of a level of ``w`` nodes is measured on the real proposer (context mix included): the time of a proposal
-for a root with ``w`` children that each get one child, minus that for a root with ``w``
-children -- i.e. one batched head forward over ``w`` nodes plus choosing their candidates.
+*Cost* of a level of ``w`` nodes is measured on the real proposer (context mix included): the
+time of a proposal for a root with ``w`` children that each get one child, minus that for a root
+with ``w`` children -- i.e. one batched head forward over ``w`` nodes plus choosing their
+candidates.
 """
 
 from __future__ import annotations
@@ -123,12 +124,13 @@ def fit_context_mix(model: TrainedDraft, features: FeatureSet, max_ngram: int = 
         rows = model.vocab.index.to(target.device)[target]
         q = logits.float().softmax(-1).gather(1, rows.clamp(min=0)[:, None])[:, 0]
         q_target.append(torch.where(rows >= 0, q, 0.0).cpu())
-        p = torch.zeros(len(target), max_ngram, dtype=torch.float64)
+        p, m = torch.zeros(len(target), max_ngram, dtype=torch.float64), torch.zeros(len(target), max_ngram, dtype=torch.bool)
         for j, (per_n, token) in enumerate(zip(comps, target.tolist())):
+            m[j, : len(per_n)] = True
             for n, followers in enumerate(per_n):
                 p[j, n] = followers.get(token, 0.0)
         p_target.append(p)
-        matched.append(torch.tensor([[n < len(per_n) for n in range(max_ngram)] for per_n in comps], dtype=torch.bool).reshape(-1, max_ngram))
+        matched.append(m)
     q_target, p_target, matched = torch.cat(q_target), torch.cat(p_target), torch.cat(matched)
     return fit_weights(q_target, p_target, matched), len(q_target)
 

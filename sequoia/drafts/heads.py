@@ -27,9 +27,8 @@ from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.lm import best_candidates, choose_candidates, draw_candidates
 from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.drafts.trained import TrainedDraft
-from sequoia.sampling import logits_to_probs
 from sequoia.errors import ConfigError
-from sequoia.sampling import SamplingConfig
+from sequoia.sampling import SamplingConfig, logits_to_probs
 from sequoia.tree import Tree
 
 

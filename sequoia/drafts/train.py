@@ -307,7 +307,9 @@ def train_from_store(
     return read_card(Path(out))
 
 
-def fit_mix(model: TrainedDraft, features: FeatureSet, max_ngram: int, seed: int = 0, out: str | os.PathLike | None = None) -> ContextMix:
+def fit_mix(
+    model: TrainedDraft, features: FeatureSet, max_ngram: int, seed: int = 0, out: str | os.PathLike | None = None
+) -> ContextMix:
     """Fit the context mix of ``model`` on ``MIX_SEQUENCES`` random sequences of ``features``
     and, with ``out``, record it in that draft's card."""
     sample = features.sample(MIX_SEQUENCES, seed)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.errors import FileFormatError
@@ -67,7 +68,8 @@ class ContextMix:
         rows_of: dict[int, int],  # full id -> reduced-vocabulary row
         ids: torch.Tensor,  # [r] the reduced vocabulary's full ids
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [m, r + e] q', [r + e] full ids of its columns
-        """``q'`` of every row; followers outside the reduced vocabulary get extra columns."""
+        """``q'`` of every row; followers outside the reduced vocabulary get extra columns.
+        ``q`` is overwritten when it already is float32 with no extra column to add."""
         assert q.ndim == 2 and len(parts) == len(q)
         extra = sorted({t for masses, _ in parts for t in masses if t not in rows_of})
         extra_column = {t: len(ids) + j for j, t in enumerate(extra)}
@@ -78,12 +80,13 @@ class ContextMix:
                 rows.append(row)
                 cols.append(extra_column[token] if col is None else col)
                 values.append(mass)
-        mixed = torch.cat([q.float(), q.new_zeros(len(q), len(extra), dtype=torch.float32)], dim=1)
+        mixed = F.pad(q.float(), (0, len(extra))) if extra else q.float()
         if rows:
-            index = (torch.tensor(rows, device=q.device), torch.tensor(cols, device=q.device))
-            mixed.index_put_(index, torch.tensor(values, device=q.device), accumulate=True)
+            where = torch.tensor([rows, cols], device=q.device)
+            mixed.index_put_(tuple(where), torch.tensor(values, device=q.device), accumulate=True)
         totals = torch.tensor([1.0 + total for _, total in parts], device=q.device)
-        columns = torch.cat([ids.to(q.device), torch.tensor(extra, dtype=torch.long, device=q.device)])
+        ids = ids.to(q.device)
+        columns = torch.cat([ids, torch.tensor(extra, dtype=torch.long, device=q.device)]) if extra else ids
         return mixed.div_(totals[:, None]), columns
 
     def to_json(self, **provenance: Any) -> dict[str, Any]:

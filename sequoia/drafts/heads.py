@@ -78,7 +78,7 @@ class HeadsProposer(Proposer):
                 candidates, q = choose_candidates(logits, width, ctx)  # [p, width] rows of r
                 columns = ids
             else:
-                q, columns = self._mixed(logits, [suffixes[p] for p in expansion.parents.tolist()], ctx)
+                q, columns = self._mixed(logits, [suffixes[p] for p in expansion.parents.tolist()], ctx, ids)
                 candidates = best_candidates(q, width) if ctx.sampling.greedy else draw_candidates(q, width, ctx)
             below = tree.levels[level + 1]
             tokens[below[0] : below[-1] + 1] = columns[expansion.children(candidates)]
@@ -96,11 +96,13 @@ class HeadsProposer(Proposer):
         self.index.sync(ctx.tokens)
         return [tuple(self.index.text[-self.mix.max_ngram :])] + [()] * (tree.size - 1)
 
-    def _mixed(self, logits: torch.Tensor, suffixes: list[Suffix], ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed(
+        self, logits: torch.Tensor, suffixes: list[Suffix], ctx: DraftContext, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mixture ``q'`` of each row (greedy: of the plain softmax) and its columns' ids."""
-        q = logits.float().softmax(-1) if ctx.sampling.greedy else logits_to_probs(logits, ctx.sampling)
+        q = logits.softmax(-1, dtype=torch.float32) if ctx.sampling.greedy else logits_to_probs(logits, ctx.sampling)
         parts = [self.mix.lookup(self.index, suffix) for suffix in suffixes]
-        return self.mix.mix(q, parts, self.vocab.rows, self.vocab.ids)
+        return self.mix.mix(q, parts, self.vocab.rows, ids)
 
     def observe(self, step) -> None:
         """Nothing to trim: tree nodes never enter any state kept across steps."""

@@ -3,9 +3,10 @@
 A trained draft predicts ``heads`` tree levels from the target's last-layer hidden states and
 token embeddings; it scores a *reduced vocabulary* (the ``r`` most frequent target outputs)
 and maps its candidates back to full-vocabulary ids, so a level costs an ``r``-row output
-layer instead of the target's whole vocabulary. Tokens outside the reduced vocabulary are
-never proposed: in stochastic mode ``q`` is zero there, which verification handles like any
-other draft distribution (the output stays exactly the target's).
+layer instead of the target's whole vocabulary. The model never proposes a token outside the
+reduced vocabulary: in stochastic mode its ``q`` is zero there, which verification handles like
+any other draft distribution (the output stays exactly the target's); only a context mix
+(:mod:`sequoia.drafts.context_mix`, recorded in the card) can add such tokens.
 
 On disk a draft is a directory (``sequoia-draft/1``)::
 

@@ -21,7 +21,7 @@ from sequoia.drafts.context_mix import FOLLOWERS, ContextMix, components, fit_we
 from sequoia.drafts.evaluate import agreement, fit_context_mix
 from sequoia.drafts.features import extract_features
 from sequoia.drafts.ngram import NgramIndex
-from sequoia.drafts.trained import CARD, ReducedVocab, draft_kinds, load_context_mix, save_draft, update_card
+from sequoia.drafts.trained import CARD, ReducedVocab, load_context_mix, save_draft, update_card
 from sequoia.engine import Engine
 from sequoia.errors import FileFormatError
 from sequoia.models import LoadedModel, tiny_llama
@@ -144,15 +144,9 @@ def test_sampled_output_with_a_mix_is_the_targets_law():
     the real tiny Llama: the first two tokens' joint law is the target's (chi-square)."""
     vocab_size, prompt = 8, [1, 5, 3, 1, 5, 7, 1, 5]  # 1 5 -> 3 or 7 (outside the vocabulary)
     target = tiny_llama(seed=0, vocab_size=vocab_size)
-    cls = draft_kinds()["mlp"]
-    config = cls.config_class(target.config.hidden_size, vocab_size, 2)
-    model = cls(config, ReducedVocab(torch.tensor([0, 2, 3, 5, 6]), vocab_size))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
-    model.attach_target(target.get_input_embeddings().weight)
+    model = random_draft("mlp", target, heads=2, seed=1, ids=[0, 2, 3, 5, 6])
     tree = Tree.from_choices([[0], [1], [0, 0]])
-    engine = Engine(target, model.eval().proposer(ContextMix((2.0, 4.0))), tree, SamplingConfig(1.0), seed=3)
+    engine = Engine(target, model.proposer(ContextMix((2.0, 4.0))), tree, SamplingConfig(1.0), seed=3)
     counts = torch.zeros(vocab_size**2, dtype=torch.float64)
     for _ in range(800):
         first, second = [t for step in engine.generate(torch.tensor(prompt), 2) for t in step.tokens][:2]

@@ -20,13 +20,17 @@ from sequoia.tree import Tree
 VOCAB = 64  # tiny_llama's vocabulary
 
 
-def random_draft(kind: str, target, heads: int = 3, reduced: int = 40, seed: int = 0) -> TrainedDraft:
-    """A draft with random (not small) weights, so its candidates depend on every input."""
+def random_draft(
+    kind: str, target, heads: int = 3, reduced: int = 40, seed: int = 0, ids: list[int] | None = None
+) -> TrainedDraft:
+    """A draft for ``target`` with random (not small) weights, so its candidates depend on
+    every input; its reduced vocabulary is ``ids``, else ``reduced`` random ids."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = ReducedVocab(torch.randperm(VOCAB, generator=gen)[:reduced], VOCAB)
+    size = target.config.vocab_size
+    chosen = torch.randperm(size, generator=gen)[:reduced] if ids is None else torch.tensor(ids, dtype=torch.long)
     cls = draft_kinds()[kind]
     extra = {"attention_heads": 4} if kind == "chimera" else {}
-    model = cls(cls.config_class(target.config.hidden_size, VOCAB, heads, **extra), vocab)
+    model = cls(cls.config_class(target.config.hidden_size, size, heads, **extra), ReducedVocab(chosen, size))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)

@@ -74,11 +74,12 @@ def train(
     threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: torch's]."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoint in the work directory."),
     context_mix: int = typer.Option(MAX_NGRAM, "--context-mix", help="Longest context n-gram mixed into the candidates (0: none)."),
+    mix_loss: bool = typer.Option(False, "--mix-loss", help="Train through the context mix, learning its weights alongside."),
 ) -> None:
     """Train a draft on the target's own hidden states (resumes from the work directory)."""
     settings = TrainSettings(
         kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes,
-        context_mix=context_mix,
+        context_mix=context_mix, mix_loss=mix_loss,
     )
     stores = open_training_data(data)
     work = work or out.with_name(out.name + ".work")

@@ -11,9 +11,11 @@ from trained_draft_helpers import bigram_target, check_greedy_lossless, random_d
 from sequoia.drafts import make_proposer, resolve_draft
 from sequoia.drafts import train as train_module
 from sequoia.drafts.data import DataStore, Manifest
+from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.evaluate import agreement, level_costs
 from sequoia.drafts.features import FeatureCache, FeatureSet, extract_features
 from sequoia.drafts.heads import HeadsProposer
+from sequoia.drafts.ngram import NgramIndex
 from sequoia.drafts.train import TrainSettings, draft_loss, open_training_data, train_draft
 from sequoia.drafts.trained import (
     CARD, WEIGHTS, DraftLimits, ReducedVocab, draft_limits, load_draft, save_draft, update_card,
@@ -111,6 +113,61 @@ def test_the_loss_is_the_definition(kind, loss_rows, bigram, features, monkeypat
         assert torch.allclose(draft_loss(model, batch, teacher, "input"), torch.stack(inputs).mean(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss_rows", [7, 4096], ids=["chunked", "one-chunk"])
+def test_the_loss_through_the_mix_is_the_definition(loss_rows, bigram, features, monkeypatch):
+    """With mix weights, each node's cross-entropy is that of the mixed distribution the
+    proposer would build there (lookup + mix over the text up to the root), over the reduced
+    vocabulary; the weights get gradients."""
+    monkeypatch.setattr(train_module, "LOSS_ROWS", loss_rows)
+    train, _ = features
+    model = random_draft("chimera", bigram, reduced=48)  # some followers fall outside
+    teacher = bigram.lm_head.weight.detach()[model.vocab.ids]
+    batch = train.random_batch(torch.Generator().manual_seed(2), 512)
+    mix = ContextMix((0.3, 1.5, 0.7))
+    logits = model.unroll(batch.tokens, batch.hidden)
+    p = ((batch.hidden.float() @ teacher.T) - batch.lse[..., None]).exp()
+    expected = []
+    for level, z in enumerate(logits):
+        losses = []
+        for b, i in batch.mask(level, generated_only=True).nonzero().tolist():
+            text = batch.tokens[b].tolist()
+            index = NgramIndex(3)
+            index.extend(text[: i - level + 1])
+            part = mix.lookup(index, tuple(text[max(0, i - 2) : i + 1]))
+            mixed, _ = mix.mix(z[b, i].softmax(-1)[None], [part], model.vocab.rows, model.vocab.ids)
+            losses.append(-(p[b, i] * mixed[0, : model.vocab.size].log()).sum())
+        expected.append(torch.stack(losses).mean())
+    weights = torch.tensor(mix.weights, requires_grad=True)
+    loss = draft_loss(model, batch, teacher, "output", weights)
+    assert torch.allclose(loss, torch.stack(expected).mean(), rtol=1e-5)
+    loss.backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+    plain = draft_loss(model, batch, teacher, "output")
+    assert not torch.allclose(loss, plain)  # the batch repeats itself: the mix matters
+
+
+def test_a_mix_loss_run_learns_weights_and_resumes(bigram, features, tmp_path):
+    train, held_out = features
+    settings = TrainSettings(kind="chimera", steps=6, checkpoint_every=3, context_mix=3, mix_loss=True, **FAST)
+    straight, report = train_draft(settings, train, held_out, bigram, tmp_path / "a")
+    assert report.learned_mix is not None and report.learned_mix.max_ngram == 3
+    assert report.learned_mix != ContextMix((train_module.MIX_INIT,) * 3)  # the weights moved
+
+    def crash(done, total, label):
+        if "step 5 " in label:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(settings, train, held_out, bigram, tmp_path / "b", progress=crash)
+    resumed, again = train_draft(settings, train, held_out, bigram, tmp_path / "b")  # from step 3
+    assert again.learned_mix == report.learned_mix and again.agreement == report.agreement
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert report.agreement == agreement(straight, held_out, mix=report.learned_mix)  # scored through the mix
+    with pytest.raises(ConfigError, match="--mix-loss"):
+        TrainSettings(kind="chimera", mix_loss=True, context_mix=0)
+
+
 @pytest.mark.parametrize("kind, steps", [("mlp", 300), ("chimera", 250)])
 def test_a_learnable_target_is_learned(kind, steps, bigram, features, tmp_path):
     train, held_out = features
@@ -155,8 +212,10 @@ def test_saved_draft_loads_and_decodes(tiny_target, tmp_path):
     proposer = make_proposer(str(tmp_path / "d"), loaded(tiny_target))
     assert isinstance(proposer, HeadsProposer) and proposer.model.out.weight.dtype == torch.bfloat16
     check_greedy_lossless(proposer.model, tiny_target, [1, 5, 9, 3, 7])
-    costs = level_costs(back.proposer(), widths=(1, 4), prefix=16, repeats=2)
+    timed = back.proposer()
+    costs = level_costs(timed, widths=(1, 4), prefix=16, repeats=2)
     assert set(costs) == {1, 4} and all(ms >= 0 for ms in costs.values())
+    assert set(level_costs(timed, widths=(2,), prefix=8, repeats=1)) == {2}  # again, on a shorter context
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ by maximum likelihood of the target's greedy tokens on training sequences
 distribution: greedy proposals take its top tokens, stochastic ones draw from it and
 verification receives it, so the output is exactly the target's either way. Followers outside
 the reduced vocabulary become extra candidate columns, shared by the rows of one level.
+
+:func:`batch_terms` finds the same n-gram parts for a training batch, so a draft can also be
+trained *through* its mix (``draft train --mix-loss``, :class:`MixTerms`).
 """
 
 from __future__ import annotations
@@ -142,3 +145,90 @@ def fit_weights(
             loss.backward()
             optimizer.step()
     return ContextMix(tuple(float(w) for w in theta.detach().exp()))
+
+
+@dataclass(frozen=True)
+class MixTerms:
+    """The n-gram parts of a training batch's scored nodes, so a draft can be trained through
+    its mix (the loss on ``q'`` rather than ``q``) with the weights learned alongside.
+
+    Nodes are ``(level, row)`` with ``row`` indexing the batch's level-0 positions; a *key* is a
+    node and a reduced-vocabulary column with n-gram mass; entry ``e`` adds
+    ``w[n[e]] * p[e]`` to the mass of key ``key[e]``.
+    """
+
+    node: torch.Tensor  # [K] level * rows + row of each key
+    column: torch.Tensor  # [K]
+    key: torch.Tensor  # [E]
+    n: torch.Tensor  # [E] suffix length - 1
+    p: torch.Tensor  # [E] P_n(column)
+    matched: torch.Tensor  # [levels, rows, max_ngram] bool: suffix length n occurred
+
+    def cross_entropy_shift(
+        self,
+        log_q: torch.Tensor,  # [levels, c, r] the draft's log-distributions of rows start..start+c
+        p: torch.Tensor,  # [c, r] the target's distribution over the reduced vocabulary
+        start: int,
+        weights: torch.Tensor,  # [max_ngram] w_n
+    ) -> torch.Tensor:  # [levels, c]
+        """What turns ``-sum_t p(t) log q(t)`` into ``-sum_t p(t) log q'(t)`` for those rows:
+        ``log q' = log(q + mass) - log(1 + sum_n w_n)``, the first term changing at the keys only."""
+        levels, c, _ = log_q.shape
+        rows = self.matched.shape[1]
+        mass = torch.zeros(len(self.node), device=weights.device).index_add(0, self.key, weights[self.n] * self.p)
+        level, row = self.node // rows, self.node % rows
+        sel = (row >= start) & (row < start + c)
+        level, row, column = level[sel], row[sel] - start, self.column[sel]
+        log_q_key = log_q[level, row, column]
+        gain = torch.logaddexp(log_q_key, mass[sel].log()) - log_q_key
+        norm = torch.log1p(self.matched[:, start : start + c].to(weights.dtype) @ weights)  # [levels, c]
+        shift = norm * p.sum(-1)[None, :]
+        return shift.index_put((level, row), -p[row, column] * gain, accumulate=True)
+
+
+def batch_terms(
+    tokens: torch.Tensor,  # [B, T] the batch's token ids
+    nodes: torch.Tensor,  # [levels, B, T] bool: position i scores a node at that level (root i - level)
+    rows: torch.Tensor,  # [B, T] bool: the positions indexed by the loss's rows (nodes lie within)
+    rows_of: dict[int, int],  # full id -> reduced-vocabulary column
+    max_ngram: int,
+) -> MixTerms:
+    """The :class:`MixTerms` of a batch, found as decoding would: the n-gram index of the text
+    up to the root, the node's suffix along the text (teacher-forced). Followers outside the
+    reduced vocabulary keep their weight in the normaliser only."""
+    levels = nodes.shape[0]
+    row_id = torch.full(rows.shape, -1, dtype=torch.long)
+    row_id[rows.cpu()] = torch.arange(int(rows.sum()))
+    count = int(rows.sum())
+    node_ids, columns, keys, ns, ps = [], [], [], [], []
+    matched = torch.zeros(levels, count, max_ngram, dtype=torch.bool)
+    for b, (text, scored, ids) in enumerate(zip(tokens.tolist(), nodes.cpu().transpose(0, 1).tolist(), row_id.tolist())):
+        index = NgramIndex(max_ngram)
+        for level_row in range(len(text)):
+            for level in range(levels):
+                i = level_row + level
+                if i >= len(text) or not scored[level][i]:
+                    continue
+                index.extend(text[len(index.text) : level_row + 1])
+                found = components(index, tuple(text[max(0, i + 1 - max_ngram) : i + 1]), max_ngram)
+                node = level * count + ids[i]
+                matched[level, ids[i], : len(found)] = True
+                key_of: dict[int, int] = {}
+                for n, followers in enumerate(found):
+                    for token, prob in followers.items():
+                        column = rows_of.get(token)
+                        if column is None:
+                            continue
+                        if column not in key_of:
+                            key_of[column] = len(node_ids)
+                            node_ids.append(node)
+                            columns.append(column)
+                        keys.append(key_of[column])
+                        ns.append(n)
+                        ps.append(prob)
+    device = tokens.device
+    return MixTerms(
+        torch.tensor(node_ids, dtype=torch.long, device=device), torch.tensor(columns, dtype=torch.long, device=device),
+        torch.tensor(keys, dtype=torch.long, device=device), torch.tensor(ns, dtype=torch.long, device=device),
+        torch.tensor(ps, dtype=torch.float32, device=device), matched.to(device),
+    )

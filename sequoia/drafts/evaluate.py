@@ -182,6 +182,7 @@ def _level_costs(proposer: HeadsProposer, widths: Sequence[int], prefix: int, re
                 sync()
                 best[tree] = min(best[tree], time.perf_counter() - start)
         costs[w] = max(best[deeper] - best[flat], 0.0) * 1e3
+    proposer.reset()
     return costs
 
 

@@ -50,6 +50,8 @@ class HeadsProposer(Proposer):
 
     @torch.inference_mode()
     def warmup(self) -> None:
+        """One small proposal (first-call costs), whatever prompt came before; forgets it after."""
+        self.reset()
         tokens = torch.arange(4, dtype=torch.long) % self.model.config.vocab_size
         hidden = torch.zeros(3, self.model.config.hidden_size)
         ctx = DraftContext(tokens, SamplingConfig(), torch.Generator(), hidden_states=hidden)

@@ -9,6 +9,10 @@ per level over the reduced vocabulary:
 * ``output`` stage: distillation, ``-sum_t p(t) log q(t)`` with ``p`` the target's full
   distribution (from its stored hidden state and log-sum-exp) restricted to the reduced
   vocabulary, at the positions decoding meets (roots from the last prompt token on).
+  With ``mix_loss`` the same cross-entropy is taken of the draft *through its context mix*,
+  ``q' = (q + sum_n w_n P_n) / (1 + sum_n w_n)`` (:mod:`sequoia.drafts.context_mix`, the n-grams
+  found as decoding would, teacher-forced), with the log-weights learned alongside: the draft
+  need not spend its capacity on what the context already supplies.
 
 A run is bounded by ``steps`` or ``minutes`` (of training, evaluations and checkpoints, summed
 over resumed runs; the one-off target pass that caches features is not counted), whichever
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sequoia.drafts.data import DataStore
-from sequoia.drafts.context_mix import CARD_KEY, MAX_NGRAM, ContextMix
+from sequoia.drafts.context_mix import CARD_KEY, MAX_NGRAM, ContextMix, batch_terms
 from sequoia.drafts.evaluate import (
     LevelAgreement, agreement, evaluate_draft, evaluation_record, fit_context_mix, level_costs,
 )
@@ -52,6 +56,8 @@ CHECKPOINT_FORMAT = "sequoia-draft-checkpoint/1"
 LOSS_ROWS = 192
 MIX_SEQUENCES = 256  # training sequences the context mix is fitted on
 WARMUP_STEPS = 50
+MIX_INIT = 0.3  # initial context-mix weight w_n of a --mix-loss run
+MIX_LR_SCALE = 10.0  # its log-weights' learning rate relative to the draft's (8 numbers, one per step)
 FINAL_LR_SHARE = 0.1
 Progress = Callable[[int, int, str], None]
 
@@ -68,6 +74,7 @@ class TrainSettings:
     input_stage: float = 0.3  # mlp: share of the budget on the target's input behaviour
     attention_heads: int = 0  # chimera: 0 = hidden // 64
     precision: str = "bfloat16"  # autocast dtype of the forward: bfloat16 | float32
+    mix_loss: bool = False  # train through the context mix (n-grams up to context_mix), learning its weights
     seed: int = 0
     steps: int | None = None
     minutes: float | None = 60.0
@@ -87,6 +94,8 @@ class TrainSettings:
             raise ConfigError(f"--context-mix must be 0 (none) or a suffix length, got {self.context_mix}")
         if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
             raise ConfigError("--steps and --minutes must be positive")
+        if self.mix_loss and not self.context_mix:
+            raise ConfigError("--mix-loss trains through the context mix; give --context-mix a suffix length")
         if self.precision not in ("bfloat16", "float32"):
             raise ConfigError(f"--precision must be bfloat16 or float32, got {self.precision!r}")
 
@@ -101,7 +110,8 @@ class TrainReport:
     steps: int
     seconds: float  # training time (evaluations and checkpoints included), summed over resumes
     loss: float  # smoothed loss at the end
-    agreement: list[LevelAgreement]  # held-out, per level
+    agreement: list[LevelAgreement]  # held-out, per level (through the learned mix of a --mix-loss run)
+    learned_mix: ContextMix | None = None  # the weights a --mix-loss run learned
 
 
 def build_draft(settings: TrainSettings, target, vocab: ReducedVocab) -> TrainedDraft:
@@ -117,10 +127,15 @@ def build_draft(settings: TrainSettings, target, vocab: ReducedVocab) -> Trained
 
 
 def draft_loss(
-    model: TrainedDraft, batch: FeatureBatch, teacher: torch.Tensor, stage: str
+    model: TrainedDraft,
+    batch: FeatureBatch,
+    teacher: torch.Tensor,
+    stage: str,
+    mix_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [] mean over levels of the per-level mean loss
     """The loss of one batch (see the module docstring); ``teacher``: [r, hidden] the target's
-    output rows for the reduced vocabulary."""
+    output rows for the reduced vocabulary. With ``mix_weights`` (the context mix's ``w_n``)
+    the output stage scores the mixed distribution ``q'`` instead of ``q``."""
     assert teacher.ndim == 2 and stage in ("input", "output")
     states = model.unroll_states(batch.tokens, batch.hidden)
     generated = stage == "output"
@@ -128,7 +143,11 @@ def draft_loss(
     # one output product per chunk of rows, and each level's loss weighs in only its own rows.
     # The output layer and the softmax over the reduced vocabulary dominate a step.
     rows = batch.mask(0, generated_only=generated)  # [B, T]
-    weights = torch.stack([batch.mask(level, generated)[rows] for level in range(len(states))]).float()  # [L, m]
+    nodes = torch.stack([batch.mask(level, generated) for level in range(len(states))])  # [L, B, T]
+    weights = nodes[:, rows].float()  # [L, m]
+    terms = None
+    if mix_weights is not None and generated:
+        terms = batch_terms(batch.tokens, nodes, rows, model.vocab.rows, len(mix_weights))
     inputs = torch.stack([state[rows] for state in states])  # [L, m, hidden]
     if generated:
         hidden, lse = batch.hidden[rows], batch.lse[rows]
@@ -142,6 +161,8 @@ def draft_loss(
         if generated:
             p = ((hidden[chunk].to(teacher) @ teacher.T).float() - lse[chunk][:, None]).exp()  # [c, r]
             cross = -torch.linalg.vecdot(p, log_q)  # [L, c]
+            if terms is not None:
+                cross = cross + terms.cross_entropy_shift(log_q, p, int(chunk[0]), mix_weights)
         else:
             cross = -log_q.gather(-1, target[chunk].clamp(min=0)[None, :, None].expand(len(states), -1, 1)).squeeze(-1)
         total = total + (cross * weights[:, chunk]).sum(-1)
@@ -168,10 +189,17 @@ def train_draft(
         vocab = ReducedVocab(torch.tensor(saved["vocab_ids"], dtype=torch.long), full)
     model = build_draft(settings, target, vocab).to(device)
     model.attach_target(target.get_input_embeddings().weight.to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    log_mix = None
+    if settings.mix_loss:
+        log_mix = torch.full((settings.context_mix,), math.log(MIX_INIT), device=device, requires_grad=True)
+        groups.append({"params": [log_mix], "lr_scale": MIX_LR_SCALE})
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, seconds, loss_avg = 0, 0.0, math.nan
     if saved is not None:
         model.load_state_dict(saved["model"])
+        if log_mix is not None:
+            log_mix.data.copy_(saved["log_mix"])
         optimizer.load_state_dict(saved["optimizer"])
         step, seconds, loss_avg = int(saved["step"]), float(saved["seconds"]), float(saved["loss"])
     teacher = target.get_output_embeddings().weight.detach()[vocab.ids].to(device, torch.float32)
@@ -180,13 +208,13 @@ def train_draft(
     while (done := _budget_used(settings, step, seconds)) < 1.0:
         began = time.monotonic()
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(settings, step, done)
+            group["lr"] = _learning_rate(settings, step, done) * group["lr_scale"]
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         batch = train.random_batch(generator, settings.batch_tokens).to(device)
         stage = "input" if settings.kind == "mlp" and done < settings.input_stage else "output"
         model.train()
         with autocast:
-            loss = draft_loss(model, batch, teacher, stage)
+            loss = draft_loss(model, batch, teacher, stage, None if log_mix is None else log_mix.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,22 +225,25 @@ def train_draft(
         loss_avg = loss_value if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss_value
         finished = _budget_used(settings, step, seconds) >= 1.0
         if step % settings.eval_every == 0 or finished:
-            scores = _evaluate(model, held_out, autocast)
+            scores = _evaluate(model, held_out, autocast, log_mix)
         if step % settings.checkpoint_every == 0 or finished:
-            _save_checkpoint(path, settings, model, optimizer, step, seconds, loss_avg)
+            _save_checkpoint(path, settings, model, optimizer, step, seconds, loss_avg, log_mix)
         seconds = start_seconds + time.monotonic() - began  # evaluation and checkpoints count too
         if progress is not None:
             agree = "/".join(f"{a.top1:.0%}" for a in scores) or "-"
             progress(min(int(1000 * _budget_used(settings, step, seconds)), 1000), 1000,
                      f"{stage} step {step} loss {loss_avg:.3f} held-out top-1 {agree}")
-    scores = scores or _evaluate(model, held_out, autocast)
-    return model.eval(), TrainReport(step, seconds, loss_avg, scores)
+    scores = scores or _evaluate(model, held_out, autocast, log_mix)
+    learned = None if log_mix is None else ContextMix(tuple(log_mix.detach().exp().tolist()))
+    return model.eval(), TrainReport(step, seconds, loss_avg, scores, learned)
 
 
-def _evaluate(model: TrainedDraft, held_out: FeatureSet, autocast) -> list[LevelAgreement]:
+def _evaluate(model: TrainedDraft, held_out: FeatureSet, autocast, log_mix: torch.Tensor | None) -> list[LevelAgreement]:
+    """Held-out agreement of what training optimises: the draft, or the draft through its mix."""
     model.eval()
+    mix = None if log_mix is None else ContextMix(tuple(log_mix.detach().exp().tolist()))
     with autocast:
-        return agreement(model, held_out)
+        return agreement(model, held_out, mix=mix)
 
 
 def _budget_used(settings: TrainSettings, step: int, seconds: float) -> float:
@@ -230,10 +261,11 @@ def _learning_rate(settings: TrainSettings, step: int, done: float) -> float:
     return settings.lr * warm * cosine
 
 
-def _save_checkpoint(path: Path, settings, model, optimizer, step: int, seconds: float, loss: float) -> None:
+def _save_checkpoint(path: Path, settings, model, optimizer, step: int, seconds: float, loss: float, log_mix) -> None:
     state = {
         "format": CHECKPOINT_FORMAT, "settings": settings.identity(), "vocab_ids": model.vocab.ids.tolist(),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds, "loss": loss,
+        **({"log_mix": log_mix.detach().cpu()} if log_mix is not None else {}),
     }
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -297,11 +329,13 @@ def train_from_store(
         "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
         "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
         "target_dtype": dtype_name(loaded.dtype),
+        **({"learned_mix": report.learned_mix.to_json()} if report.learned_mix is not None else {}),
     }})
     levels, draft_only = report.agreement, None
     if settings.context_mix:
         mix = fit_mix(model, train, settings.context_mix, settings.seed, out)
-        levels, draft_only = agreement(model, held_out, mix=mix), report.agreement
+        alone = agreement(model, held_out) if settings.mix_loss else report.agreement
+        levels, draft_only = agreement(model, held_out, mix=mix), alone
     costs = level_costs(load_trained_proposer(out, loaded.model))
     update_card(out, {"evaluation": evaluation_record(levels, costs, held_out_tokens, device, draft_only)})
     return read_card(Path(out))

@@ -49,6 +49,9 @@ def test_components_count_the_text(seed):
     text = torch.randint(0, 4 + 3 * seed, (120,), generator=gen).tolist()  # small alphabets repeat
     index = NgramIndex(5)
     index.extend(text[:60])
+    for end in (7, 60):  # memoised shares must not outlive a grown text
+        suffix = tuple(text[max(0, end - 5) : end])
+        assert components(index, suffix, 5) == brute_components(text[:60], suffix, 5)
     index.extend(text[60:])  # incremental == at once
     for end in (1, 2, 7, 60, 120):
         suffix = tuple(text[max(0, end - 5) : end]) + (text[3],)  # a path token after the context

@@ -115,13 +115,10 @@ def components(index: NgramIndex, suffix: Suffix, max_ngram: int) -> list[dict[i
     ``suffix`` occurred in the indexed text with a follower."""
     found = []
     for n in range(1, min(len(suffix), max_ngram) + 1):
-        key = suffix[len(suffix) - n :]
-        top = index.ranking(key)[:FOLLOWERS]
-        if not top:
+        shares = index.shares(suffix[len(suffix) - n :], FOLLOWERS)
+        if not shares:
             break
-        counts = index.counts(key)
-        total = sum(counts[t][0] for t in top)
-        found.append({t: counts[t][0] / total for t in top})
+        found.append(shares)
     return found
 
 

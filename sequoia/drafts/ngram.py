@@ -43,6 +43,7 @@ class NgramIndex:
         self.text: list[int] = []
         self._followers: dict[Suffix, dict[int, list[int]]] = {}  # suffix -> token -> [count, last]
         self._ranked: dict[Suffix, list[int]] = {}  # suffix -> followers best first (memo)
+        self._shares: dict[Suffix, dict[int, dict[int, float]]] = {}  # suffix -> top -> shares (memo)
 
     def sync(self, tokens: torch.Tensor) -> None:
         """Index the tokens of ``tokens`` (the whole text so far) not indexed yet."""
@@ -57,6 +58,7 @@ class NgramIndex:
                 record[0] += 1
                 record[1] = i
                 self._ranked.pop(suffix, None)
+                self._shares.pop(suffix, None)
             self.text.append(token)
 
     def counts(self, suffix: Suffix) -> dict[int, list[int]]:
@@ -69,6 +71,17 @@ class NgramIndex:
             order = sorted(self.counts(suffix).items(), key=lambda kv: (-kv[1][0], -kv[1][1]))
             self._ranked[suffix] = [token for token, _ in order]
         return self._ranked[suffix]
+
+    def shares(self, suffix: Suffix, top: int) -> dict[int, float]:
+        """The ``top`` first of :meth:`ranking` with their share of those ``top``'s counts
+        (the followers' empirical distribution, truncated; {} when none followed). Shared: read only."""
+        memo = self._shares.setdefault(suffix, {})
+        if top not in memo:
+            best = self.ranking(suffix)[:top]
+            counts = self.counts(suffix)
+            total = sum(counts[t][0] for t in best)
+            memo[top] = {t: counts[t][0] / total for t in best}
+        return memo[top]
 
 
 class NgramProposer(Proposer):

@@ -146,23 +146,32 @@ def test_the_loss_through_the_mix_is_the_definition(loss_rows, bigram, features,
     assert not torch.allclose(loss, plain)  # the batch repeats itself: the mix matters
 
 
-def test_a_mix_loss_run_learns_weights_and_resumes(bigram, features, tmp_path):
+def straight_and_resumed(settings: TrainSettings, features, target, tmp_path, crash_at: int):
+    """``(model, report)`` of a run straight through (in ``tmp_path / "a"``) and of the same run
+    interrupted at step ``crash_at`` and resumed from its last checkpoint (``tmp_path / "b"``);
+    asserts the two models are bit-identical."""
     train, held_out = features
-    settings = TrainSettings(kind="chimera", steps=6, checkpoint_every=3, context_mix=3, mix_loss=True, **FAST)
-    straight, report = train_draft(settings, train, held_out, bigram, tmp_path / "a")
-    assert report.learned_mix is not None and report.learned_mix.max_ngram == 3
-    assert report.learned_mix != ContextMix((train_module.MIX_INIT,) * 3)  # the weights moved
+    straight = train_draft(settings, train, held_out, target, tmp_path / "a")
 
     def crash(done, total, label):
-        if "step 5 " in label:
+        if f"step {crash_at} " in label:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_draft(settings, train, held_out, bigram, tmp_path / "b", progress=crash)
-    resumed, again = train_draft(settings, train, held_out, bigram, tmp_path / "b")  # from step 3
-    assert again.learned_mix == report.learned_mix and again.agreement == report.agreement
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        train_draft(settings, train, held_out, target, tmp_path / "b", progress=crash)
+    resumed = train_draft(settings, train, held_out, target, tmp_path / "b")
+    for a, b in zip(straight[0].state_dict().values(), resumed[0].state_dict().values()):
         assert torch.equal(a, b)
+    return straight, resumed
+
+
+def test_a_mix_loss_run_learns_weights_and_resumes(bigram, features, tmp_path):
+    train, held_out = features
+    settings = TrainSettings(kind="chimera", steps=6, checkpoint_every=3, context_mix=3, mix_loss=True, **FAST)
+    (straight, report), (_, again) = straight_and_resumed(settings, features, bigram, tmp_path, crash_at=5)
+    assert report.learned_mix is not None and report.learned_mix.max_ngram == 3
+    assert report.learned_mix != ContextMix((train_module.MIX_INIT,) * 3)  # the weights moved
+    assert again.learned_mix == report.learned_mix and again.agreement == report.agreement
     assert report.agreement == agreement(straight, held_out, mix=report.learned_mix)  # scored through the mix
     with pytest.raises(ConfigError, match="--mix-loss"):
         TrainSettings(kind="chimera", mix_loss=True, context_mix=0)
@@ -183,18 +192,8 @@ def test_a_learnable_target_is_learned(kind, steps, bigram, features, tmp_path):
 def test_resume_continues_the_same_run(bigram, features, tmp_path):
     train, held_out = features
     settings = TrainSettings(kind="mlp", steps=20, checkpoint_every=10, **FAST)
-    straight, _ = train_draft(settings, train, held_out, bigram, tmp_path / "a")
-
-    def crash(done, total, label):
-        if "step 15 " in label:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_draft(settings, train, held_out, bigram, tmp_path / "b", progress=crash)
-    resumed, report = train_draft(settings, train, held_out, bigram, tmp_path / "b")  # from step 10
+    _, (_, report) = straight_and_resumed(settings, features, bigram, tmp_path, crash_at=15)
     assert report.steps == 20
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="heads"):
         train_draft(TrainSettings(kind="mlp", steps=20, **{**FAST, "heads": 2}), train, held_out, bigram, tmp_path / "b")
     (tmp_path / "b" / "checkpoint.pt").write_bytes(b"garbage")

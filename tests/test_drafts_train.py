@@ -194,6 +194,10 @@ def test_resume_continues_the_same_run(bigram, features, tmp_path):
     settings = TrainSettings(kind="mlp", steps=20, checkpoint_every=10, **FAST)
     _, (_, report) = straight_and_resumed(settings, features, bigram, tmp_path, crash_at=15)
     assert report.steps == 20
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    del saved["settings"]["mix_loss"]  # a checkpoint from before that setting existed
+    torch.save(saved, tmp_path / "b" / "checkpoint.pt")
+    assert train_draft(settings, train, held_out, bigram, tmp_path / "b")[1].steps == 20
     with pytest.raises(ConfigError, match="heads"):
         train_draft(TrainSettings(kind="mlp", steps=20, **{**FAST, "heads": 2}), train, held_out, bigram, tmp_path / "b")
     (tmp_path / "b" / "checkpoint.pt").write_bytes(b"garbage")

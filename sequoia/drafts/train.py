@@ -277,8 +277,11 @@ def _load_checkpoint(path: Path, settings: TrainSettings) -> dict[str, Any]:
         raise FileFormatError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it or pass --fresh") from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise FileFormatError(f"{path} is not a {CHECKPOINT_FORMAT} file; delete it or pass --fresh")
-    if saved.get("settings") != settings.identity():
-        diff = sorted(k for k, v in settings.identity().items() if saved["settings"].get(k) != v)
+    # A setting added after the checkpoint was written reads as its default (what that run did).
+    defaults = {f.name: f.default for f in fields(TrainSettings)}
+    recorded = saved.get("settings") if isinstance(saved.get("settings"), dict) else {}
+    diff = sorted(k for k, v in settings.identity().items() if recorded.get(k, defaults[k]) != v)
+    if diff:
         raise ConfigError(
             f"{path} was trained with other settings ({', '.join(diff)}); pass the same settings, "
             "--fresh to start over, or another --work directory"

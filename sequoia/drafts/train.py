@@ -57,7 +57,7 @@ LOSS_ROWS = 192
 MIX_SEQUENCES = 256  # training sequences the context mix is fitted on
 WARMUP_STEPS = 50
 MIX_INIT = 0.3  # initial context-mix weight w_n of a --mix-loss run
-MIX_LR_SCALE = 10.0  # its log-weights' learning rate relative to the draft's (8 numbers, one per step)
+MIX_LR_SCALE = 10.0  # its log-weights' learning rate relative to the draft's (a few numbers that move far)
 FINAL_LR_SHARE = 0.1
 Progress = Callable[[int, int, str], None]
 
@@ -234,16 +234,18 @@ def train_draft(
             progress(min(int(1000 * _budget_used(settings, step, seconds)), 1000), 1000,
                      f"{stage} step {step} loss {loss_avg:.3f} held-out top-1 {agree}")
     scores = scores or _evaluate(model, held_out, autocast, log_mix)
-    learned = None if log_mix is None else ContextMix(tuple(log_mix.detach().exp().tolist()))
-    return model.eval(), TrainReport(step, seconds, loss_avg, scores, learned)
+    return model.eval(), TrainReport(step, seconds, loss_avg, scores, _learned_mix(log_mix))
 
 
 def _evaluate(model: TrainedDraft, held_out: FeatureSet, autocast, log_mix: torch.Tensor | None) -> list[LevelAgreement]:
     """Held-out agreement of what training optimises: the draft, or the draft through its mix."""
     model.eval()
-    mix = None if log_mix is None else ContextMix(tuple(log_mix.detach().exp().tolist()))
     with autocast:
-        return agreement(model, held_out, mix=mix)
+        return agreement(model, held_out, mix=_learned_mix(log_mix))
+
+
+def _learned_mix(log_mix: torch.Tensor | None) -> ContextMix | None:
+    return None if log_mix is None else ContextMix(tuple(log_mix.detach().exp().tolist()))
 
 
 def _budget_used(settings: TrainSettings, step: int, seconds: float) -> float:

@@ -3,6 +3,8 @@ checkpoint resume, the draft directory format, and bad input -> one-line typed e
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,8 @@ def test_a_mix_loss_run_learns_weights_and_resumes(bigram, features, tmp_path):
     assert report.learned_mix != ContextMix((train_module.MIX_INIT,) * 3)  # the weights moved
     assert again.learned_mix == report.learned_mix and again.agreement == report.agreement
     assert report.agreement == agreement(straight, held_out, mix=report.learned_mix)  # scored through the mix
+    with pytest.raises(ConfigError, match="--context-mix 3"):  # resumed with a mix of another length
+        train_draft(TrainSettings(**{**asdict(settings), "context_mix": 2}), train, held_out, bigram, tmp_path / "b")
     with pytest.raises(ConfigError, match="--mix-loss"):
         TrainSettings(kind="chimera", mix_loss=True, context_mix=0)
 

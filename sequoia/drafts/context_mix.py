@@ -154,32 +154,36 @@ class MixTerms:
     ``w[n[e]] * p[e]`` to the mass of key ``key[e]``.
     """
 
-    node: torch.Tensor  # [K] level * rows + row of each key
+    level: torch.Tensor  # [K] tree level (0-based) of each key's node
+    row: torch.Tensor  # [K] its row among the batch's level-0 positions
     column: torch.Tensor  # [K]
     key: torch.Tensor  # [E]
     n: torch.Tensor  # [E] suffix length - 1
     p: torch.Tensor  # [E] P_n(column)
     matched: torch.Tensor  # [levels, rows, max_ngram] bool: suffix length n occurred
 
+    def log_masses(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [max_ngram] w_n
+        """``log sum_n w_n P_n`` of every key ([K]) and ``log(1 + sum_n w_n)`` of every node
+        ([levels, rows]): what the weights decide, formed once per batch."""
+        mass = torch.zeros(len(self.column), device=weights.device).index_add(0, self.key, weights[self.n] * self.p)
+        return mass.log(), torch.log1p(self.matched.to(weights.dtype) @ weights)
+
     def cross_entropy_shift(
         self,
         log_q: torch.Tensor,  # [levels, c, r] the draft's log-distributions of rows start..start+c
         p: torch.Tensor,  # [c, r] the target's distribution over the reduced vocabulary
         start: int,
-        weights: torch.Tensor,  # [max_ngram] w_n
+        log_mass: torch.Tensor,  # [K] and
+        log_norm: torch.Tensor,  # [levels, rows]: log_masses()
     ) -> torch.Tensor:  # [levels, c]
         """What turns ``-sum_t p(t) log q(t)`` into ``-sum_t p(t) log q'(t)`` for those rows:
         ``log q' = log(q + mass) - log(1 + sum_n w_n)``, the first term changing at the keys only."""
-        levels, c, _ = log_q.shape
-        rows = self.matched.shape[1]
-        mass = torch.zeros(len(self.node), device=weights.device).index_add(0, self.key, weights[self.n] * self.p)
-        level, row = self.node // rows, self.node % rows
-        sel = (row >= start) & (row < start + c)
-        level, row, column = level[sel], row[sel] - start, self.column[sel]
+        c = log_q.shape[1]
+        sel = (self.row >= start) & (self.row < start + c)
+        level, row, column = self.level[sel], self.row[sel] - start, self.column[sel]
         log_q_key = log_q[level, row, column]
-        gain = torch.logaddexp(log_q_key, mass[sel].log()) - log_q_key
-        norm = torch.log1p(self.matched[:, start : start + c].to(weights.dtype) @ weights)  # [levels, c]
-        shift = norm * p.sum(-1)[None, :]
+        gain = torch.logaddexp(log_q_key, log_mass[sel]) - log_q_key
+        shift = log_norm[:, start : start + c] * p.sum(-1)[None, :]
         return shift.index_put((level, row), -p[row, column] * gain, accumulate=True)
 
 
@@ -193,22 +197,20 @@ def batch_terms(
     """The :class:`MixTerms` of a batch, found as decoding would: the n-gram index of the text
     up to the root, the node's suffix along the text (teacher-forced). Followers outside the
     reduced vocabulary keep their weight in the normaliser only."""
-    levels = nodes.shape[0]
+    levels, count = nodes.shape[0], int(rows.sum())
     row_id = torch.full(rows.shape, -1, dtype=torch.long)
-    row_id[rows.cpu()] = torch.arange(int(rows.sum()))
-    count = int(rows.sum())
-    node_ids, columns, keys, ns, ps = [], [], [], [], []
+    row_id[rows.cpu()] = torch.arange(count)
+    key_levels, key_rows, columns, keys, ns, ps = [], [], [], [], [], []
     matched = torch.zeros(levels, count, max_ngram, dtype=torch.bool)
-    for b, (text, scored, ids) in enumerate(zip(tokens.tolist(), nodes.cpu().transpose(0, 1).tolist(), row_id.tolist())):
+    for text, scored, ids in zip(tokens.tolist(), nodes.cpu().transpose(0, 1).tolist(), row_id.tolist()):
         index = NgramIndex(max_ngram)
-        for level_row in range(len(text)):
+        for root in range(len(text)):
             for level in range(levels):
-                i = level_row + level
+                i = root + level
                 if i >= len(text) or not scored[level][i]:
                     continue
-                index.extend(text[len(index.text) : level_row + 1])
+                index.extend(text[len(index.text) : root + 1])
                 found = components(index, tuple(text[max(0, i + 1 - max_ngram) : i + 1]), max_ngram)
-                node = level * count + ids[i]
                 matched[level, ids[i], : len(found)] = True
                 key_of: dict[int, int] = {}
                 for n, followers in enumerate(found):
@@ -217,15 +219,13 @@ def batch_terms(
                         if column is None:
                             continue
                         if column not in key_of:
-                            key_of[column] = len(node_ids)
-                            node_ids.append(node)
+                            key_of[column] = len(columns)
+                            key_levels.append(level)
+                            key_rows.append(ids[i])
                             columns.append(column)
                         keys.append(key_of[column])
                         ns.append(n)
                         ps.append(prob)
     device = tokens.device
-    return MixTerms(
-        torch.tensor(node_ids, dtype=torch.long, device=device), torch.tensor(columns, dtype=torch.long, device=device),
-        torch.tensor(keys, dtype=torch.long, device=device), torch.tensor(ns, dtype=torch.long, device=device),
-        torch.tensor(ps, dtype=torch.float32, device=device), matched.to(device),
-    )
+    longs = (torch.tensor(x, dtype=torch.long, device=device) for x in (key_levels, key_rows, columns, keys, ns))
+    return MixTerms(*longs, torch.tensor(ps, dtype=torch.float32, device=device), matched.to(device))

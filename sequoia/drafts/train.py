@@ -148,6 +148,7 @@ def draft_loss(
     terms = None
     if mix_weights is not None and generated:
         terms = batch_terms(batch.tokens, nodes, rows, model.vocab.rows, len(mix_weights))
+        log_mass, log_norm = terms.log_masses(mix_weights)
     inputs = torch.stack([state[rows] for state in states])  # [L, m, hidden]
     if generated:
         hidden, lse = batch.hidden[rows], batch.lse[rows]
@@ -162,7 +163,7 @@ def draft_loss(
             p = ((hidden[chunk].to(teacher) @ teacher.T).float() - lse[chunk][:, None]).exp()  # [c, r]
             cross = -torch.linalg.vecdot(p, log_q)  # [L, c]
             if terms is not None:
-                cross = cross + terms.cross_entropy_shift(log_q, p, int(chunk[0]), mix_weights)
+                cross = cross + terms.cross_entropy_shift(log_q, p, int(chunk[0]), log_mass, log_norm)
         else:
             cross = -log_q.gather(-1, target[chunk].clamp(min=0)[None, :, None].expand(len(states), -1, 1)).squeeze(-1)
         total = total + (cross * weights[:, chunk]).sum(-1)
@@ -199,6 +200,11 @@ def train_draft(
     if saved is not None:
         model.load_state_dict(saved["model"])
         if log_mix is not None:
+            if saved["log_mix"].shape != log_mix.shape:
+                raise ConfigError(
+                    f"{path} learned a context mix of {len(saved['log_mix'])} suffix lengths; pass --context-mix "
+                    f"{len(saved['log_mix'])}, --fresh to start over, or another --work directory"
+                )
             log_mix.data.copy_(saved["log_mix"])
         optimizer.load_state_dict(saved["optimizer"])
         step, seconds, loss_avg = int(saved["step"]), float(saved["seconds"]), float(saved["loss"])

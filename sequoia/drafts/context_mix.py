@@ -22,7 +22,7 @@ trained *through* its mix (``draft train --mix-loss``, :class:`MixTerms`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,22 @@ def components(index: NgramIndex, suffix: Suffix, max_ngram: int) -> list[dict[i
     return found
 
 
+def node_suffixes(
+    text: list[int], scored: list[list[bool]], max_ngram: int
+) -> Iterator[tuple[int, int, NgramIndex, Suffix]]:
+    """``(level, i, index, suffix)`` for every node of one sequence that ``scored[level][i]``
+    marks (position ``i`` scores a node at that 0-based level, root ``i - level``), root by root
+    and within a root level by level: what a proposal there would see, the n-gram index of the
+    text up to the root and the last ``max_ngram`` tokens up to the node (teacher-forced)."""
+    index = NgramIndex(max_ngram)
+    for root in range(len(text)):
+        for level, marks in enumerate(scored):
+            i = root + level
+            if i < len(text) and marks[i]:
+                index.extend(text[len(index.text) : root + 1])
+                yield level, i, index, tuple(text[max(0, i + 1 - max_ngram) : i + 1])
+
+
 def fit_weights(
     q_target: torch.Tensor,  # [N] the draft's probability of the target's token
     p_target: torch.Tensor,  # [N, K] P_n(target token), zero where not matched
@@ -203,29 +219,23 @@ def batch_terms(
     key_levels, key_rows, columns, keys, ns, ps = [], [], [], [], [], []
     matched = torch.zeros(levels, count, max_ngram, dtype=torch.bool)
     for text, scored, ids in zip(tokens.tolist(), nodes.cpu().transpose(0, 1).tolist(), row_id.tolist()):
-        index = NgramIndex(max_ngram)
-        for root in range(len(text)):
-            for level in range(levels):
-                i = root + level
-                if i >= len(text) or not scored[level][i]:
-                    continue
-                index.extend(text[len(index.text) : root + 1])
-                found = components(index, tuple(text[max(0, i + 1 - max_ngram) : i + 1]), max_ngram)
-                matched[level, ids[i], : len(found)] = True
-                key_of: dict[int, int] = {}
-                for n, followers in enumerate(found):
-                    for token, prob in followers.items():
-                        column = rows_of.get(token)
-                        if column is None:
-                            continue
-                        if column not in key_of:
-                            key_of[column] = len(columns)
-                            key_levels.append(level)
-                            key_rows.append(ids[i])
-                            columns.append(column)
-                        keys.append(key_of[column])
-                        ns.append(n)
-                        ps.append(prob)
+        for level, i, index, suffix in node_suffixes(text, scored, max_ngram):
+            found = components(index, suffix, max_ngram)
+            matched[level, ids[i], : len(found)] = True
+            key_of: dict[int, int] = {}
+            for n, followers in enumerate(found):
+                for token, prob in followers.items():
+                    column = rows_of.get(token)
+                    if column is None:
+                        continue
+                    if column not in key_of:
+                        key_of[column] = len(columns)
+                        key_levels.append(level)
+                        key_rows.append(ids[i])
+                        columns.append(column)
+                    keys.append(key_of[column])
+                    ns.append(n)
+                    ps.append(prob)
     device = tokens.device
     longs = (torch.tensor(x, dtype=torch.long, device=device) for x in (key_levels, key_rows, columns, keys, ns))
     return MixTerms(*longs, torch.tensor(ps, dtype=torch.float32, device=device), matched.to(device))

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from sequoia.drafts.base import DraftContext
-from sequoia.drafts.context_mix import MAX_NGRAM, ContextMix, components, fit_weights
+from sequoia.drafts.context_mix import MAX_NGRAM, ContextMix, components, fit_weights, node_suffixes
 from sequoia.drafts.features import FeatureCache, FeatureSet
 from sequoia.drafts.heads import HeadsProposer
 from sequoia.drafts.ngram import NgramIndex, Suffix
@@ -94,24 +94,16 @@ def scored_positions(
     device = model.out.weight.device
     for batch in features.batches(max_tokens):
         batch = batch.to(device)
-        for level, state in enumerate(model.unroll_states(batch.tokens, batch.hidden)):
-            mask = batch.mask(level, generated_only=True)
-            values: list[T] = []
-            if per_position is not None:
-                for row, positions in _positions_by_row(mask):
-                    text, index = batch.tokens[row, : int(batch.lengths[row])].tolist(), NgramIndex(max_ngram)
-                    for i in positions:
-                        index.extend(text[len(index.text) : i - level + 1])
-                        values.append(per_position(index, tuple(text[max(0, i + 1 - max_ngram) : i + 1])))
-            yield level, model.out(state[mask]), batch.top1[mask], values
-
-
-def _positions_by_row(mask: torch.Tensor) -> Iterator[tuple[int, list[int]]]:  # [B, T] bool
-    """Each row's true positions, ascending, in the order ``tensor[mask]`` lists them."""
-    for row, keep in enumerate(mask.cpu().tolist()):
-        positions = [i for i, k in enumerate(keep) if k]
-        if positions:
-            yield row, positions
+        states = model.unroll_states(batch.tokens, batch.hidden)
+        masks = torch.stack([batch.mask(level, generated_only=True) for level in range(len(states))])  # [L, B, T]
+        values: list[list[T]] = [[] for _ in states]  # per level, in the order tensor[mask] lists them
+        if per_position is not None:
+            for row, (text, scored) in enumerate(zip(batch.tokens.tolist(), masks.cpu().transpose(0, 1).tolist())):
+                length = int(batch.lengths[row])
+                for level, _, index, suffix in node_suffixes(text[:length], scored, max_ngram):
+                    values[level].append(per_position(index, suffix))
+        for level, (state, mask) in enumerate(zip(states, masks)):
+            yield level, model.out(state[mask]), batch.top1[mask], values[level]
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth
 from sequoia.drafts import make_proposer, resolve_draft
-from sequoia.engine import eos_token_ids
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.prompts import load_prompts, render_prompt

@@ -14,7 +14,7 @@ from sequoia.drafts.train import (
     TrainSettings, discard_checkpoint, drop_mix, open_training_data, refit_mix, train_from_store,
 )
 from sequoia.drafts.trained import CARD, draft_dir, load_draft, read_card, update_card
-from sequoia.engine import eos_token_ids
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, cache_dir, load_model
 from sequoia_cli.common import console, handles_errors, progress_bar

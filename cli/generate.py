@@ -12,7 +12,8 @@ from rich.table import Table
 from sequoia.acceptance import AcceptanceResult
 from sequoia.drafts import make_proposer, resolve_draft
 from sequoia.drafts.trained import draft_limits
-from sequoia.engine import VERIFIERS, Engine, eos_token_ids
+from sequoia.engine import VERIFIERS, Engine
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.prompts import render_prompt

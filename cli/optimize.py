@@ -11,7 +11,7 @@ from sequoia.acceptance import AcceptanceResult
 from sequoia.drafts.trained import draft_limits
 from sequoia.errors import ConfigError
 from sequoia.optimizer import Choice, choose
-from sequoia.profiler import Profile
+from sequoia.profile import Profile
 from sequoia.tree import Tree
 from sequoia_cli.common import console, handles_errors
 

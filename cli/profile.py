@@ -13,7 +13,7 @@ from sequoia import profiler
 from sequoia.errors import ConfigError
 from sequoia.drafts import load_draft_model
 from sequoia.models import DEFAULT_MODEL, load_model
-from sequoia.profiler import Profile
+from sequoia.profile import KNEE_FACTOR, LatencyGrid, Profile
 from sequoia_cli.common import console, err_console, handles_errors, progress_bar
 
 app = typer.Typer(help="Measure and inspect device latency profiles.", no_args_is_help=True)
@@ -187,19 +187,19 @@ def _print_profile(result: Profile) -> None:
     console.print(_describe(result))
     _print_grid(result.target, "target: median (IQR) ms")
     knees = ", ".join(f"prefix {p}: {result.knee(p)}" for p in result.target.prefix_lengths)
-    console.print(f"knee (largest n within {profiler.KNEE_FACTOR}x of {result.target.tokens[0]} token): {knees}")
+    console.print(f"knee (largest n within {KNEE_FACTOR}x of {result.target.tokens[0]} token): {knees}")
     if result.draft:
         _print_grid(result.draft, f"draft {result.draft.model}, per tree level: median (IQR) ms")
 
 
-def _print_grid(grid: profiler.LatencyGrid, title: str) -> None:
+def _print_grid(grid: LatencyGrid, title: str) -> None:
     table = Table("tokens", *(f"prefix {p}" for p in grid.prefix_lengths), title=title)
     for t, n in enumerate(grid.tokens):
         table.add_row(str(n), *(_cell(grid, p, t) for p in range(len(grid.prefix_lengths))))
     console.print(table)
 
 
-def _cell(grid: profiler.LatencyGrid, p: int, t: int) -> str:
+def _cell(grid: LatencyGrid, p: int, t: int) -> str:
     iqr = grid.stats["p75"][p, t] - grid.stats["p25"][p, t]
     return f"{grid.median[p, t]:.1f} ({iqr:.1f})"
 

@@ -25,8 +25,8 @@ from sequoia.dsi_check import CHECK_PROMPTS, CheckResult, check
 from sequoia.dsi_paper import PaperComparison, compare, paper_markdown
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import tiny_llama
-from sequoia.profiler import Profile
-from sequoia.tree import write_atomic, write_json_atomic
+from sequoia.profile import Profile
+from sequoia.files import write_atomic, write_json_atomic
 from sequoia_cli.common import console, handles_errors
 
 app = typer.Typer(help="Simulate decoding algorithms before running them.", no_args_is_help=True)

@@ -15,7 +15,8 @@ from rich.tree import Tree as RichTree
 from sequoia import solver
 from sequoia.acceptance import ACCEPTANCE_FORMAT, AcceptanceResult
 from sequoia.errors import AcceptanceError, ConfigError
-from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap, write_atomic, write_json_atomic
+from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap
+from sequoia.files import write_atomic, write_json_atomic
 from sequoia_cli.common import console, handles_errors
 
 app = typer.Typer(help="Build, inspect and export speculation trees.", no_args_is_help=True)

@@ -26,16 +26,17 @@ import torch
 from sequoia.acceptance import measure_counts_by_depth, rates_by_depth
 from sequoia.drafts import LMProposer, Proposer, load_draft_model, make_proposer, resolve_draft
 from sequoia.drafts.trained import draft_limits
-from sequoia.engine import eos_token_ids
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.optimizer import choose
 from sequoia.prepack import prepacked_copy
-from sequoia.profiler import Profile
+from sequoia.profile import Profile
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia.tree import Tree, write_atomic, write_json_atomic
+from sequoia.tree import Tree
+from sequoia.files import write_atomic, write_json_atomic
 
 RESULT_FORMAT = "sequoia-bench/1"
 Progress = Callable[[int, int, str], None]

@@ -6,7 +6,7 @@ tokens, and yields ``E(n, d)`` tokens on average (the solver's optimum, bonus to
 
     time per token = (sum_{l < d} t_draft(w_l) + t_target(n)) / E(n, d)
 
-Both latencies come from measured profiles (:class:`sequoia.profiler.Profile`); ``E`` from one
+Both latencies come from measured profiles (:class:`sequoia.profile.Profile`); ``E`` from one
 :func:`sequoia.solver.solve` pass over every size and depth. Every (size, depth) entry is first
 ranked with the level widths approximated by ``(n - 1) / d``; the best ``screen`` entries are
 then rebuilt as trees and ranked again with their true level widths.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sequoia.errors import ConfigError
-from sequoia.profiler import Profile
+from sequoia.profile import Profile
 from sequoia.solver import solve
 from sequoia.tree import Tree
 

@@ -125,7 +125,7 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
 
     from sequoia.bench import BenchConfig, benchmark
     from sequoia.drafts.trained import save_draft, update_card
-    from sequoia.profiler import LatencyGrid, Profile
+    from sequoia.profile import LatencyGrid, Profile
 
     target = tiny_llama(seed=0)
     target.save_pretrained(tmp_path / "target")

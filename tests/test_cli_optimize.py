@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sequoia.acceptance import AcceptanceResult
-from sequoia.profiler import LatencyGrid, Profile
+from sequoia.profile import LatencyGrid, Profile
 from sequoia.tree import Tree
 from sequoia_cli.main import app
 

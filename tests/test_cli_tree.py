@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from sequoia.solver import expected_tokens, solve
-from sequoia.tree import Tree, read_json
+from sequoia.tree import Tree
+from sequoia.files import read_json
 from sequoia_cli.main import app
 
 runner = CliRunner()

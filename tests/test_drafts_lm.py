@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from sequoia.drafts import LMProposer, NgramProposer, NoDraft, make_proposer
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.lm import check_same_vocabulary
-from sequoia.engine import StepResult
+from sequoia.drafts.base import StepResult
 from sequoia.errors import ModelError
 from sequoia.forward import cache_kwargs
 from sequoia.models import tiny_llama

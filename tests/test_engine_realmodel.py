@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sequoia.drafts import LMProposer, make_proposer
-from sequoia.engine import STOP_EOS, STOP_LENGTH, Engine, eos_token_ids
+from sequoia.engine import STOP_EOS, STOP_LENGTH, Engine
+from sequoia.models import eos_token_ids
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.solver import chain, kary, solve
 from sequoia.tree import Tree

@@ -7,7 +7,7 @@ import pytest
 
 from sequoia.errors import ConfigError
 from sequoia.optimizer import choose, choose_tree, draft_latency_fn, evaluate, level_widths
-from sequoia.profiler import LatencyGrid, Profile
+from sequoia.profile import LatencyGrid, Profile
 from sequoia.solver import chain, solve
 from sequoia.tree import Tree
 

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sequoia.errors import ConfigError, FileFormatError, TreeError
-from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap, read_json, write_atomic
+from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap
+from sequoia.files import read_json, write_atomic
 
 ORIGINAL_REPO = Path("/work/.mirror/Infini-AI-Lab+Sequoia/repo")  # bare git dir, if fetched
 

@@ -227,7 +227,7 @@ def measure_acceptance(
     tokens per step the optimal tree of at most ``max_size`` nodes and the draft's depth
     predicts with it: the card's ``acceptance`` entry."""
     from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth
-    from sequoia.engine import eos_token_ids
+    from sequoia.models import eos_token_ids
     from sequoia.prompts import load_prompts, render_prompt
     from sequoia.solver import solve
 

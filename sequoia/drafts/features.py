@@ -28,7 +28,7 @@ from sequoia.drafts.trained import NO_TOKEN
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name
 from sequoia.prompts import load_prompts, render_prompt
-from sequoia.tree import read_json, write_atomic, write_json_atomic
+from sequoia.files import read_json, write_atomic, write_json_atomic
 
 CHUNK = 64  # sequences per cached feature file
 LOGIT_ROWS = 1024  # positions whose full logits are formed at once (memory bound)

@@ -47,7 +47,7 @@ from sequoia.drafts.trained import (
 )
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name
-from sequoia.tree import write_atomic
+from sequoia.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "sequoia-draft-checkpoint/1"

@@ -36,7 +36,7 @@ from torch import nn
 from sequoia.drafts.context_mix import ContextMix
 from sequoia.errors import ConfigError, FileFormatError, ModelError
 from sequoia.prepack import prepack_linears
-from sequoia.tree import read_json, write_atomic, write_json_atomic
+from sequoia.files import read_json, write_atomic, write_json_atomic
 
 DRAFT_FORMAT = "sequoia-draft/1"
 CARD, WEIGHTS = "card.json", "draft.safetensors"

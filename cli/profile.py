@@ -11,7 +11,7 @@ from rich.table import Table
 
 from sequoia import profiler
 from sequoia.errors import ConfigError
-from sequoia.drafts import load_draft_model
+from sequoia.drafts import DraftSpec
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.profile import KNEE_FACTOR, LatencyGrid, Profile
 from sequoia_cli.common import console, err_console, handles_errors, progress_bar
@@ -60,7 +60,7 @@ def run(
     context = profiler.model_context(loaded.model)
     counts = _ints(tokens, "--tokens") if tokens else profiler.fit_tokens(profiler.DEFAULT_TOKENS, prefixes, context)
     profiler.check_plan(prefixes, counts, context)
-    draft_model = load_draft_model(draft, loaded, dtype=dtype, device=device) if draft else None
+    draft_model = DraftSpec.resolve(draft, model).causal_lm(loaded, dtype=dtype, device=device) if draft else None
     level_widths = _ints(widths, "--widths")
     if draft_model is not None:
         profiler.check_plan(prefixes, level_widths, profiler.model_context(draft_model))

@@ -12,17 +12,9 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult
-from sequoia.dsi import (
-    DEFAULT_SAMPLES,
-    DEFAULT_SP_DEGREE,
-    DSIConfig,
-    Grid,
-    SimResult,
-    grid,
-    simulate,
-)
-from sequoia.dsi_check import CHECK_PROMPTS, CheckResult, check
-from sequoia.dsi_paper import PaperComparison, compare, paper_markdown
+from sequoia.dsi.simulator import DEFAULT_SAMPLES, DEFAULT_SP_DEGREE, DSIConfig, Grid, SimResult, grid, simulate
+from sequoia.dsi.check import CHECK_PROMPTS, CheckResult, check
+from sequoia.dsi.paper import PaperComparison, compare, paper_markdown
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import tiny_llama
 from sequoia.profile import Profile

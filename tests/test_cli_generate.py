@@ -123,7 +123,7 @@ def test_bad_input_is_one_line_and_exit_2(dirs, tmp_path, args, message):
 def test_a_trained_draft_decodes_losslessly_within_its_depth(dirs, tmp_path):
     from trained_draft_helpers import random_draft
 
-    from sequoia.drafts.trained import save_draft
+    from sequoia.drafts.card import save_draft
 
     save_draft(random_draft("mlp", tiny_llama(seed=0), heads=2), tmp_path / "mlp", "tiny")
     accept = tmp_path / "acceptance.json"

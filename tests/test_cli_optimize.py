@@ -58,7 +58,7 @@ def test_optimize_bad_input_one_line_no_file(tmp_path, case):
 def test_a_trained_draft_caps_the_depth_and_brings_its_cost(tmp_path, tiny_target):
     from trained_draft_helpers import random_draft
 
-    from sequoia.drafts.trained import save_draft, update_card
+    from sequoia.drafts.card import save_draft, update_card
 
     save_draft(random_draft("mlp", tiny_target, heads=2), tmp_path / "d", "tiny")
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 3.0, "16": 4.0}}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sequoia.drafts import LMProposer, NgramProposer, NoDraft, make_proposer
+from sequoia.drafts import DraftSpec, LMProposer, NgramProposer, NoDraft
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.lm import check_same_vocabulary
 from sequoia.drafts.base import StepResult
@@ -89,5 +89,5 @@ def test_vocabulary_mismatch_is_a_model_error(tiny_target):
 
 
 def test_make_proposer_builtins(tiny_target):
-    assert isinstance(make_proposer("none", tiny_target), NoDraft)
-    assert isinstance(make_proposer("ngram", tiny_target), NgramProposer)
+    assert isinstance(DraftSpec.resolve("none", "tiny").proposer(tiny_target), NoDraft)
+    assert isinstance(DraftSpec.resolve("ngram", "tiny").proposer(tiny_target), NgramProposer)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sequoia.dsi_check import Delayed, NoisyDrafter, check
+from sequoia.dsi.check import Delayed, NoisyDrafter, check
 from sequoia.errors import ConfigError
 
 

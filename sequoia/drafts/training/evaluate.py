@@ -29,10 +29,11 @@ import torch
 
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.context_mix import MAX_NGRAM, ContextMix, components, fit_weights, node_suffixes
-from sequoia.drafts.features import FeatureCache, FeatureSet
+from sequoia.drafts.training.features import FeatureCache, FeatureSet
 from sequoia.drafts.heads import HeadsProposer
 from sequoia.drafts.ngram import NgramIndex, Suffix
-from sequoia.drafts.trained import TrainedDraft, load_context_mix, load_draft, load_trained_proposer
+from sequoia.drafts.trained import TrainedDraft
+from sequoia.drafts.registry import load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree

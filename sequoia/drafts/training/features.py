@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sequoia.drafts.data import DataStore, left_padded
+from sequoia.drafts.training.data import DataStore, left_padded
 from sequoia.drafts.trained import NO_TOKEN
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name

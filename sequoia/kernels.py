@@ -1,26 +1,29 @@
 """Fast float32 linear kernels for few-token forwards on CPU, chosen per device by measurement.
 
 Verifying a token tree multiplies a handful of rows (1-64 tokens) by every weight matrix. Which
-kernel does that fastest depends on the CPU, not on the model: on an AMD EPYC (Zen 4, and on
-AVX2-only Zen 3) MKL's float32 GEMM, which ``F.linear`` calls, is several times slower for 2-16
-rows than for one (a 1536 x 576 projection: ~0.09 ms for 1 row, ~0.6 ms for 2), while oneDNN
-running from a weight packed once stays near the 1-row cost; on an Intel Xeon MKL is fine.
+kernel does that fastest depends on the CPU, not on the model: on an AMD EPYC (Zen 4, and
+AVX2-only Zen 3) MKL's float32 GEMM, which ``F.linear`` calls, costs 2-5x more for 2-16 rows
+than for one (SmolLM2's 49,152 x 576 output layer: ~12 ms for 1 row, 30-70 ms for 2-16), while
+oneDNN from a weight packed once stays near the 1-row cost; on an Intel Xeon MKL is fine.
 So nothing here is assumed: :func:`calibrate` times the candidate kernels on the model's own
 layers for each row count, and :class:`FastLinear` runs, for each call, the kernel that won for
 its row count. The choice is cached per device (:func:`device_key`: CPU model, the ISA torch
 dispatches to, the environment settings that cap it, threads, torch, dtype, shapes) under
 :func:`sequoia.models.cache_dir`, so only the first load on a device pays for it.
 
-Candidate kernels (``y = x W^T + b``, weights unchanged, float32 stays float32):
+Candidate kernels (``y = x W^T + b``; weights unchanged, float32 stays float32):
 
 * ``plain``  -- ``F.linear`` (MKL or ATen's BLAS), what the model runs without this module;
-* ``onednn`` -- oneDNN's inner product from a weight reordered once into its blocked layout
-  (as :mod:`sequoia.prepack` does for bfloat16);
-* ``wxt``    -- ``(W x^T)^T``: the same BLAS with the roles of the operands swapped, which some
-  BLAS libraries treat as a matrix-vector-like product for few rows.
+* ``onednn`` -- oneDNN's inner product (brgemm) from a weight reordered once into its blocked
+  layout, as :mod:`sequoia.prepack` does for bfloat16: the fast one from ~8 rows on;
+* ``mkl``    -- MKL's GEMM from a weight packed once for one row: on the EPYC the output layer's
+  matrix-vector product runs near memory bandwidth (~5 ms instead of ~12);
+* ``wxt``    -- ``(W x^T)^T``: the same BLAS with the operands swapped, which MKL treats as a
+  few matrix-vector products: the fast one for 2-4 rows on the EPYC.
 
-Kernels may sum in a different order, so logits can differ from ``plain`` in the last bits
+Kernels may sum in another order, so logits can differ from ``plain`` in the last bits
 (float32 rounding); greedy output can then differ only where two logits tie to that precision.
+Each packed copy costs the memory of its weight again.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,12 +49,17 @@ from sequoia.files import read_json, write_json_atomic
 from sequoia.prepack import can_prepack, prepack_linears
 
 FORMAT = "sequoia-kernels/1"
-KERNELS = ("plain", "onednn", "wxt")
+KERNELS = ("plain", "onednn", "mkl", "wxt")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # a call with r rows uses the first bucket >= r (else the last)
 ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
-           "MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS")
+           "MKL_DEBUG_CPU_TYPE")
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # how threads wait
 MARGIN = 0.05  # another kernel replaces `plain` only when at least this much faster
-STREAM_BYTES = 64 << 20  # calibrate on enough layers of one shape to stream from memory, as a forward does
+STREAM_BYTES = 48 << 20  # calibrate on enough layers of one shape to stream from memory (past L3), as a forward does
+QUANTILE = 0.25 # of per-call times: an idle machine's cost, measured on a busy one
+PRUNE = 2.0  # a kernel this much slower than the best in the first rounds is not timed again
+PASSES = 2  # independent passes over all shapes; the faster wins, so a burst of load spoils neither
+METHOD = 4  # bump when calibration changes, so caches measured the old way are not reused
 PACK_BATCH_HINT = 16
 MIN_BYTES = 16 << 20  # smaller models stay plain: Python, not products, dominates their forward
 ATTR = "sequoia_kernels"  # the model attribute that records which calibration was applied
@@ -70,6 +77,11 @@ def _onednn(x: torch.Tensor, layer: FastLinear) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, layer.packed, bias, "none", [], "")
 
 
+def _mkl(x: torch.Tensor, layer: FastLinear) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.detach()
+    return torch.ops.mkl._mkl_linear(x, layer.mkl_packed, layer.weight.detach(), bias, 1)
+
+
 def _wxt(x: torch.Tensor, layer: FastLinear) -> torch.Tensor:
     rows = x.reshape(-1, layer.in_features)  # [r, in]
     y = torch.mm(layer.weight, rows.t()).t()  # [r, out], transposed view
@@ -78,7 +90,9 @@ def _wxt(x: torch.Tensor, layer: FastLinear) -> torch.Tensor:
     return y.contiguous().reshape(*x.shape[:-1], layer.out_features)
 
 
-RUN: dict[str, Callable[[torch.Tensor, FastLinear], torch.Tensor]] = {"plain": _plain, "onednn": _onednn, "wxt": _wxt}
+RUN: dict[str, Callable[[torch.Tensor, FastLinear], torch.Tensor]] = {
+    "plain": _plain, "onednn": _onednn, "mkl": _mkl, "wxt": _wxt,
+}
 
 
 def bucket(rows: int) -> int:
@@ -88,9 +102,9 @@ def bucket(rows: int) -> int:
 
 
 class FastLinear(nn.Module):
-    """``y = x W^T + b`` through the kernel :attr:`plan` names for the call's row count
-    (inference only). Keeps the original ``weight`` (a tied embedding reads it) and, where the
-    plan uses ``onednn``, a packed copy of it."""
+    """``y = x W^T + b`` through the kernel :attr:`plan` names for the call's row count, under
+    ``no_grad``/``inference_mode`` (``F.linear`` where gradients are recorded). Keeps the
+    original ``weight`` (a tied embedding reads it) and the packed copies the plan needs."""
 
     def __init__(self, linear: nn.Linear, plan: Sequence[str]) -> None:
         super().__init__()
@@ -102,8 +116,12 @@ class FastLinear(nn.Module):
         self._runs = tuple(RUN[k] for k in self.plan)
         packed = _pack(linear.weight) if "onednn" in self.plan else None
         self.register_buffer("packed", packed, persistent=False)
+        mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), 1) if "mkl" in self.plan else None
+        self.register_buffer("mkl_packed", mkl_packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # the packed kernels have no autograd: plain where grads are recorded
+            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // self.in_features
         return self._runs[bucket(rows)](x, self)
 
@@ -123,9 +141,18 @@ def onednn_available() -> bool:
     )
 
 
+def mkl_available() -> bool:
+    """Whether this torch has MKL's packed-weight linear ops on the CPU."""
+    return torch.backends.mkl.is_available() and all(
+        hasattr(torch.ops.mkl, name) for name in ("_mkl_reorder_linear_weight", "_mkl_linear")
+    )
+
+
 def candidates() -> tuple[str, ...]:
     """The kernels this torch build can run."""
-    return KERNELS if onednn_available() else tuple(k for k in KERNELS if k != "onednn")
+    missing = {"onednn"} if not onednn_available() else set()
+    missing |= {"mkl"} if not mkl_available() else set()
+    return tuple(k for k in KERNELS if k not in missing)
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -167,19 +194,21 @@ def _cpu_model() -> str:
 
 def device_key(dtype: torch.dtype, shapes: Sequence[str]) -> dict[str, Any]:
     """Everything a kernel choice depends on: CPU model, the ISA torch dispatches to, the
-    environment settings that cap the ISA (how an AVX2 machine is emulated), threads, torch,
-    dtype, the layer shapes and the candidate kernels."""
+    environment settings that cap the ISA (how an AVX2 machine is emulated), threads and how
+    they wait, torch, dtype, the layer shapes and the candidate kernels."""
     return {
         "cpu_model": _cpu_model(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "isa_env": {name: os.environ.get(name) for name in ISA_ENV},
+        "thread_env": {name: os.environ.get(name) for name in THREAD_ENV},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "shapes": sorted(shapes),
         "kernels": list(candidates()),
         "buckets": list(ROW_BUCKETS),
+        "method": METHOD,
     }
 
 
@@ -194,7 +223,7 @@ class Calibration:
 
     key: dict[str, Any]  # device_key(...)
     plans: dict[str, Plan]  # shape -> kernel per ROW_BUCKETS entry
-    timings: dict[str, dict[str, list[float]]]  # shape -> kernel -> median ms per bucket (all layers of the shape)
+    timings: dict[str, dict[str, list[float]]]  # shape -> kernel -> ms per bucket (the layers timed, _time_group)
     seconds: float  # how long measuring took
     date: str
     source: str = "measured"  # "measured" | "cached" | "forced"
@@ -224,15 +253,17 @@ def cache_path(key: dict[str, Any]) -> Path:
 
 
 def calibrate(
-    model: nn.Module, repeats: int = 7, kernels: Sequence[str] | None = None, use_cache: bool = True
+    model: nn.Module, repeats: int = 6, kernels: Sequence[str] | None = None, use_cache: bool = True
 ) -> Calibration:
     """The fastest kernel per float32 CPU linear shape of ``model`` and row bucket, read from
     the cache when this device was calibrated before, else measured (and cached).
 
     For each shape, enough of the model's own layers of that shape to stream
     :data:`STREAM_BYTES` from memory (as a forward pass does) run back to back on random rows;
-    every kernel and bucket is timed once per round, in alternating order, ``repeats`` rounds;
-    the median decides. ``plain`` keeps a bucket unless another kernel is :data:`MARGIN` faster.
+    kernels take turns call by call (:func:`_time_group`); all shapes are timed in
+    :data:`PASSES` passes of ``repeats / PASSES`` rounds each and a kernel's time is its best
+    pass, so a burst of load from other processes during one pass spoils nothing. ``plain``
+    keeps a bucket unless another kernel is :data:`MARGIN` faster.
     """
     groups = _groups(model)
     key = device_key(torch.float32, list(groups))
@@ -246,10 +277,11 @@ def calibrate(
             pass  # measure again and overwrite
     kernels = tuple(kernels or candidates())
     start = time.perf_counter()
-    plans, timings = {}, {}
-    for shape, layers in groups.items():
-        timings[shape] = _time_group(layers, kernels, repeats)
-        plans[shape] = _choose(timings[shape])
+    passes = [{shape: _time_group(layers, kernels, -(-repeats // PASSES)) for shape, layers in groups.items()}
+              for _ in range(PASSES)]
+    timings = {shape: {k: [min(p[shape][k][b] for p in passes) for b in range(len(ROW_BUCKETS))] for k in kernels}
+               for shape in groups}
+    plans = {shape: _choose(t) for shape, t in timings.items()}
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result = Calibration(key, plans, timings, time.perf_counter() - start, date)
     if use_cache:
@@ -261,23 +293,42 @@ def calibrate(
 
 
 def _time_group(layers: list[nn.Linear], kernels: Sequence[str], repeats: int) -> dict[str, list[float]]:
-    """Median ms per kernel and bucket of running ``layers`` (enough to stream) back to back."""
+    """ms per kernel and bucket of running the timed ``layers`` (enough to stream) back to back.
+
+    Every layer call is timed on its own, and consecutive calls take turns between kernels
+    (call ``i`` of round ``r`` runs kernel ``(i + r) mod K`` on layer ``i``), so load from other
+    processes falls on every kernel alike and each call reads a weight no recent call touched.
+    ``repeats * K`` rounds give each kernel ``repeats`` calls per layer. A kernel
+    :data:`PRUNE` times slower than the best over the first ``K`` rounds is not timed again.
+    The group's time is the :data:`QUANTILE` of its calls times the number of layers: other
+    processes only add time, so a low quantile of many short samples estimates the idle cost.
+    """
     per_layer = layers[0].weight.numel() * layers[0].weight.element_size()
     used = layers[: max(1, min(len(layers), -(-STREAM_BYTES // per_layer)))]
     fast = {k: [FastLinear(layer, (k,) * len(ROW_BUCKETS)) for layer in used] for k in kernels}
     inputs = [torch.randn(1, rows, used[0].in_features) for rows in ROW_BUCKETS]  # [1, rows, in] each
     samples: dict[str, list[list[float]]] = {k: [[] for _ in ROW_BUCKETS] for k in kernels}
+    alive = [list(kernels) for _ in ROW_BUCKETS]
+    clock, turns = time.perf_counter, len(kernels)
     with torch.inference_mode():
-        for round_ in range(repeats + 1):  # round 0 warms up
+        for layer in (layer for ks in fast.values() for layer in ks):  # warm-up: pack, first-call setup
+            layer(inputs[1])
+        for round_ in range(repeats * turns):
             for b, x in enumerate(inputs):
-                order = kernels if (round_ + b) % 2 == 0 else tuple(reversed(kernels))
-                for k in order:
-                    start = time.perf_counter()
-                    for layer in fast[k]:
-                        layer(x)
-                    if round_:
-                        samples[k][b].append(1000.0 * (time.perf_counter() - start))
-    return {k: [round(statistics.median(s), 4) for s in samples[k]] for k in kernels}
+                if round_ == turns:
+                    typical = {k: _quantile(samples[k][b], 0.5) for k in kernels}
+                    alive[b] = [k for k in kernels if typical[k] <= PRUNE * min(typical.values())]
+                for i in range(len(used)):
+                    k = alive[b][(i + round_) % len(alive[b])]
+                    start = clock()
+                    fast[k][i](x)
+                    samples[k][b].append(clock() - start)
+    return {k: [round(1000.0 * len(used) * _quantile(s, QUANTILE), 4) for s in samples[k]] for k in kernels}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _choose(timings: dict[str, list[float]]) -> Plan:
@@ -366,5 +417,5 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "plans": plans,
         "calibration": getattr(model, ATTR, None),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "isa_env": {name: value for name in ISA_ENV if (value := os.environ.get(name))},
+        "isa_env": {name: value for name in ISA_ENV + THREAD_ENV if (value := os.environ.get(name))},
     }

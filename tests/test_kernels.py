@@ -66,6 +66,14 @@ def test_fast_linear_equals_linear_to_float32_rounding(kernel, rows, bias):
     assert fast.weight is linear.weight  # readers of weights see the original
 
 
+def test_gradients_flow_through_the_plain_kernel():
+    linear = nn.Linear(16, 8)
+    fast = FastLinear(linear, (AVAILABLE[0],) * len(ROW_BUCKETS))
+    x = torch.randn(3, 16, requires_grad=True)
+    fast(x).sum().backward()  # a packed kernel has no autograd; F.linear runs where grads are recorded
+    assert x.grad is not None and linear.weight.grad is not None
+
+
 @pytest.mark.parametrize("plan", [*AVAILABLE, MIXED], ids=[*AVAILABLE, "mixed"])
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32])
 @torch.no_grad()

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from sequoia import kernels
+from sequoia import calibration, kernels
 from sequoia.drafts import NgramProposer
 from sequoia.engine import Engine
 from sequoia.files import read_json, write_json_atomic
 from sequoia.forward import cache_kwargs, tree_forward
-from sequoia.kernels import ROW_BUCKETS, Calibration, FastLinear, apply_kernels, bucket, calibrate, describe
+from sequoia.calibration import Calibration, calibrate
+from sequoia.kernels import ROW_BUCKETS, FastLinear, apply_kernels, bucket, describe
 from sequoia.models import tiny_llama
 from sequoia.profiler import representative_tree
 from sequoia.tree import Tree
@@ -105,14 +106,14 @@ def test_greedy_tree_decoding_matches_plain_decoding_with_the_same_kernels(plan)
 
 def test_calibration_is_cached_and_keyed_by_device(cache, monkeypatch):
     model = _model()
-    monkeypatch.setattr(kernels, "_cpu_model", lambda: "CPU A")
+    monkeypatch.setattr(calibration, "_cpu_model", lambda: "CPU A")
     first = calibrate(model, repeats=1)
     assert first.source == "measured" and set(first.plans) == {"64x64", "32x64", "128x64", "64x128", "96x64"}
     assert all(len(p) == len(ROW_BUCKETS) for p in first.plans.values())
     again = calibrate(model, repeats=1)
     assert again.source == "cached" and again.plans == first.plans and again.key == first.key
     assert len(list(cache.iterdir())) == 1
-    monkeypatch.setattr(kernels, "_cpu_model", lambda: "CPU B")  # another device measures its own
+    monkeypatch.setattr(calibration, "_cpu_model", lambda: "CPU B")  # another device measures its own
     other = calibrate(model, repeats=1)
     assert other.source == "measured" and other.key["cpu_model"] == "CPU B"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # so does the same CPU with its ISA capped
@@ -124,7 +125,7 @@ def test_cached_choice_is_what_gets_applied(cache, monkeypatch):
     model = _model()
     measured = calibrate(model, repeats=1)
     forged = dict(measured.plans, **{"96x64": MIXED})  # pretend this device preferred MIXED for lm_head
-    path = kernels.cache_path(measured.key)
+    path = calibration.cache_path(measured.key)
     data = read_json(path)
     data["plans"]["96x64"] = list(MIXED)
     write_json_atomic(path, data)
@@ -141,7 +142,7 @@ def test_cached_choice_is_what_gets_applied(cache, monkeypatch):
 def test_corrupt_cache_file_is_measured_again(cache):
     model = _model()
     first = calibrate(model, repeats=1)
-    kernels.cache_path(first.key).write_text("{not json")
+    calibration.cache_path(first.key).write_text("{not json")
     assert calibrate(model, repeats=1).source == "measured"
 
 
@@ -171,9 +172,9 @@ def test_load_model_applies_the_calibrated_kernels_unless_opted_out(tmp_path, ca
     from sequoia.models import load_model
 
     fast = load_model(str(path), tokenizer=False).model
-    calibration = calibrate(fast)
-    assert calibration.source == "cached"  # load_model measured it
-    expected = sum(set(p) != {"plain"} for p in calibration.plans.values())
+    chosen = calibrate(fast)
+    assert chosen.source == "cached"  # load_model measured it
+    expected = sum(set(p) != {"plain"} for p in chosen.plans.values())
     assert len({kernels.shape_name(m) for m in fast.modules() if isinstance(m, FastLinear)}) == expected
     assert not any(isinstance(m, FastLinear) for m in load_model(str(path), tokenizer=False, prepack=False).model.modules())
 

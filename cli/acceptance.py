@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth
-from sequoia.drafts import make_proposer, resolve_draft
-from sequoia.engine import eos_token_ids
+from sequoia.drafts import DraftSpec
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.prompts import load_prompts, render_prompt
@@ -47,10 +47,10 @@ def acceptance(
         raise ConfigError("stochastic mode needs --temperature > 0 (temperature 0 is greedy)")
     sampling = SamplingConfig(0.0 if mode == "greedy" else temperature, top_p)
     prompt_set = load_prompts(prompts, limit)
-    draft = resolve_draft(draft, target)
+    draft = DraftSpec.resolve(draft, target)
     with console.status(f"loading {target} and draft {draft}"):
         loaded = load_model(target, dtype=dtype, device=device)
-        proposer = make_proposer(draft, loaded, dtype=dtype, device=device)
+        proposer = draft.proposer(loaded, dtype=dtype, device=device)
     ids = [torch.tensor(render_prompt(loaded.tokenizer, p.text, chat)) for p in prompt_set]
     with progress_bar("measuring acceptance") as update:
         counts, samples = measure_counts_by_depth(
@@ -59,7 +59,7 @@ def acceptance(
             progress=lambda done, total: update(done, total, "prompts"),
         )
     result = AcceptanceResult.from_depth_counts(
-        counts, samples, target=loaded.name, draft=draft, mode=mode, temperature=sampling.temperature,
+        counts, samples, target=loaded.name, draft=draft.name, mode=mode, temperature=sampling.temperature,
         top_p=top_p, prompts=f"{prompts} ({len(prompt_set)} prompts, {max_new_tokens} tokens each)",
     )
     result.save(out)

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sequoia.bench import BenchConfig, benchmark, load_settings, write_report
+from sequoia.bench.runner import BenchConfig, benchmark, load_settings
+from sequoia.bench.report import write_report
 from sequoia.models import DEFAULT_MODEL
 from sequoia_cli.common import DRAFT_HELP, console, handles_errors, progress_bar
 

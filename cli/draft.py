@@ -7,14 +7,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sequoia.drafts.data import DataStore, Manifest, generate_data
-from sequoia.drafts.evaluate import evaluate_draft, measure_acceptance
+from sequoia.drafts.training.data import DataStore, Manifest, generate_data
+from sequoia.drafts.training.evaluate import evaluate_draft, measure_acceptance
 from sequoia.drafts.context_mix import MAX_NGRAM
-from sequoia.drafts.train import (
-    TrainSettings, discard_checkpoint, drop_mix, open_training_data, refit_mix, train_from_store,
+from sequoia.drafts.training.train import (
+    TrainSettings,
+    discard_checkpoint,
+    drop_mix,
+    open_training_data,
+    refit_mix,
+    train_from_store,
 )
-from sequoia.drafts.trained import CARD, draft_dir, load_draft, read_card, update_card
-from sequoia.engine import eos_token_ids
+from sequoia.drafts.card import CARD, draft_dir, read_card, update_card
+from sequoia.drafts.registry import load_draft
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, cache_dir, load_model
 from sequoia_cli.common import console, handles_errors, progress_bar

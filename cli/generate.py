@@ -9,20 +9,16 @@ import torch
 import typer
 from rich.table import Table
 
-from sequoia.acceptance import AcceptanceResult
-from sequoia.drafts import make_proposer, resolve_draft
-from sequoia.drafts.trained import draft_limits
-from sequoia.engine import VERIFIERS, Engine, eos_token_ids
+from sequoia.drafts import DraftSpec
+from sequoia.engine import VERIFIERS, Engine
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.prompts import render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia.solver import chain, solve
+from sequoia.planning import plan_tree
 from sequoia.tree import Tree
 from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors
-
-DEFAULT_TREE_DEPTH = 4  # a chain, when neither --tree nor --budget/--acceptance picks a tree
-
 
 @handles_errors
 def generate(
@@ -51,13 +47,13 @@ def generate(
     """Generate text with the target, speculating with a draft on a token tree (lossless)."""
     sampling = _sampling(mode, temperature, top_p, top_k)
     text = _prompt_text(prompt, prompt_file)
-    draft = resolve_draft(draft, target)
-    tree = _tree(draft, tree_file, budget, max_depth, acceptance)
+    draft = DraftSpec.resolve(draft, target)
+    tree = plan_tree(draft, tree_file, budget, max_depth, acceptance)
     if verifier not in VERIFIERS:
         raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
-    with console.status(f"loading {target}" + ("" if draft in ("none", "ngram") else f" and {draft}")):
+    with console.status(f"loading {target}" + ("" if draft.kind in ("none", "ngram") else f" and {draft}")):
         loaded = load_model(target, dtype=dtype, device=device, threads=threads)
-        proposer = make_proposer(draft, loaded, dtype=dtype, device=device)
+        proposer = draft.proposer(loaded, dtype=dtype, device=device)
         proposer.warmup()
     ids = torch.tensor(render_prompt(loaded.tokenizer, text, chat), dtype=torch.long)
     engine = Engine(
@@ -98,31 +94,6 @@ def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
     if not prompt_file.is_file():
         raise FileFormatError(f"prompt file not found: {prompt_file}")
     return prompt_file.read_text(errors="replace")
-
-
-def _tree(
-    draft: str, tree_file: Path | None, budget: int | None, max_depth: int | None, acceptance: Path | None
-) -> Tree:
-    """``--tree``, else the solver's tree for ``--budget/--max-depth`` and ``--acceptance``."""
-    solver_options = (budget, max_depth, acceptance)
-    if tree_file is not None and any(o is not None for o in solver_options):
-        raise ConfigError("give either --tree or --budget/--max-depth/--acceptance, not both")
-    if draft == "none":
-        if tree_file is not None or any(o is not None for o in solver_options):
-            raise ConfigError("--draft none decodes one token per step; drop the tree options")
-        return Tree((-1,))
-    if tree_file is not None:
-        return Tree.load(tree_file)
-    limits = draft_limits(draft)  # a trained draft fills at most its heads' levels
-    if acceptance is None:
-        if budget is not None or max_depth is not None:
-            raise ConfigError("--budget/--max-depth need --acceptance (a sequoia-acceptance/1 file)")
-        return chain(limits.cap(DEFAULT_TREE_DEPTH))
-    if budget is None:
-        raise ConfigError("--acceptance needs --budget (the tree size)")
-    vector = AcceptanceResult.load(acceptance).for_solver
-    depth = limits.cap(budget - 1 if max_depth is None else max_depth)
-    return solve(vector, budget, depth).tree(budget, depth)
 
 
 def _summary(engine: Engine, tree: Tree, prefill: float) -> None:

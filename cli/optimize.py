@@ -8,10 +8,10 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult
-from sequoia.drafts.trained import draft_limits
+from sequoia.drafts import DraftSpec
 from sequoia.errors import ConfigError
 from sequoia.optimizer import Choice, choose
-from sequoia.profiler import Profile
+from sequoia.profile import Profile
 from sequoia.tree import Tree
 from sequoia_cli.common import console, handles_errors
 
@@ -59,9 +59,8 @@ def optimize(
             )
     choices = []
     for acc in accs:  # a trained draft (named in the acceptance file) caps the depth, brings its cost
-        limits = draft_limits(acc.draft)
-        choices.append(choose(prof, acc.for_solver, prefix_len, draft_prof, max_size, limits.cap(max_depth),
-                              level_ms=limits.level_ms))
+        limits = DraftSpec.resolve(acc.draft, acc.target).limits
+        choices.append(choose(prof, acc.for_solver, prefix_len, draft_prof, max_size, max_depth, draft=limits))
     best = choices[0].best
     meta = {
         **best.tree.meta,

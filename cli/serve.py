@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
-from sequoia.drafts import make_proposer, resolve_draft
+from sequoia.drafts import DraftSpec
 from sequoia.engine import VERIFIERS
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, load_model
+from sequoia.planning import plan_tree
 from sequoia.serve import ServedModel, bind, create_app, run
 from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors
-from sequoia_cli.generate import _tree as plan_tree  # the tree generate decodes with
 
 
 @handles_errors
@@ -42,12 +42,12 @@ def serve(
         raise ConfigError(f"--max-queue must be at least 1, got {max_queue}")
     if not shutdown_timeout >= 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {shutdown_timeout}")
-    draft = resolve_draft(draft, target)
-    tree = plan_tree(draft, tree_file, budget, max_depth, acceptance)
+    draft = DraftSpec.resolve(draft, target)
+    tree = plan_tree(draft, tree_file, budget, max_depth, acceptance)  # the tree generate decodes with
     sock = bind(host, port)
-    with console.status(f"loading {target}" + ("" if draft in ("none", "ngram") else f" and {draft}")):
+    with console.status(f"loading {target}" + ("" if draft.kind in ("none", "ngram") else f" and {draft}")):
         loaded = load_model(target, dtype=dtype, device=device, threads=threads)
-        proposer = make_proposer(draft, loaded, dtype=dtype, device=device)
+        proposer = draft.proposer(loaded, dtype=dtype, device=device)
         proposer.warmup()
     served = ServedModel(target, loaded.model, loaded.tokenizer, proposer, lambda sampling: tree, verifier)
     app = create_app(served, max_queue=max_queue)

@@ -33,7 +33,8 @@ from sequoia.engine import Engine
 from sequoia.errors import AcceptanceError, ConfigError, FileFormatError
 from sequoia.sampling import SamplingConfig
 from sequoia.solver import acceptance_by_depth, validate_acceptance
-from sequoia.tree import Tree, read_json, write_json_atomic
+from sequoia.tree import Tree
+from sequoia.files import read_json, write_json_atomic
 
 ACCEPTANCE_FORMAT = "sequoia-acceptance/1"
 MODES = ("greedy", "stochastic")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from sequoia.drafts.base import Draft, DraftContext, Proposer
+from sequoia.drafts.base import Draft, DraftContext, Proposer, StepResult
 from sequoia.errors import ConfigError
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.sampling import NodeProbs, SamplingConfig
@@ -64,22 +64,6 @@ class StepTimer:
         parts["other"] = max(self.totals["step"] - sum(parts.values()), 0.0)
         parts["step"] = self.totals["step"]
         return parts
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one step did."""
-
-    tokens: tuple[int, ...]  # emitted: accepted draft tokens then the target's, cut after EOS
-    accepted_nodes: tuple[int, ...]  # the verified path of node ids, root first
-    tree: Tree  # the tree drafted (the engine's tree, cut near the length limits)
-    draft_tokens: torch.Tensor  # [n] int64
-    hidden_states: torch.Tensor | None  # [len(accepted_nodes), hidden] target's, if requested
-    stop: str | None  # why generation ended with this step (STOP_*), None if it goes on
-
-    @property
-    def num_accepted(self) -> int:
-        return len(self.accepted_nodes) - 1
 
 
 @dataclass
@@ -290,14 +274,3 @@ class Engine:
             stop = STOP_CONTEXT
         self.stop, self._hidden = stop, hidden
         return StepResult(tuple(new), acceptance.nodes, tree, draft.tokens, hidden, stop)
-
-
-def eos_token_ids(model: PreTrainedModel, tokenizer=None) -> tuple[int, ...]:
-    """The ids that end generation: the model's generation config (what ``generate`` stops on),
-    else the tokenizer's EOS."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)

@@ -135,6 +135,17 @@ def check_tokenizers_match(
             )
 
 
+def eos_token_ids(model: PreTrainedModel, tokenizer=None) -> tuple[int, ...]:
+    """The ids that end generation: the model's generation config (what ``generate`` stops on),
+    else the tokenizer's EOS."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` -> torch dtype."""
     if name not in DTYPES:

@@ -6,7 +6,7 @@ tokens, and yields ``E(n, d)`` tokens on average (the solver's optimum, bonus to
 
     time per token = (sum_{l < d} t_draft(w_l) + t_target(n)) / E(n, d)
 
-Both latencies come from measured profiles (:class:`sequoia.profiler.Profile`); ``E`` from one
+Both latencies come from measured profiles (:class:`sequoia.profile.Profile`); ``E`` from one
 :func:`sequoia.solver.solve` pass over every size and depth. Every (size, depth) entry is first
 ranked with the level widths approximated by ``(n - 1) / d``; the best ``screen`` entries are
 then rebuilt as trees and ranked again with their true level widths.
@@ -20,12 +20,12 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sequoia.errors import ConfigError
-from sequoia.profiler import Profile
+from sequoia.profile import Profile
 from sequoia.solver import solve
 from sequoia.tree import Tree
 
@@ -124,6 +124,18 @@ def choose_tree(
     return Choice(tuple(ranked), float(target_ms(1.0)))
 
 
+@dataclass(frozen=True)
+class DraftLimits:
+    """What the tree optimizer must know about a draft before it picks a tree."""
+
+    max_depth: int | None = None  # deepest tree the draft can fill; None: any
+    level_ms: dict[int, float] = field(default_factory=dict)  # ms per tree level by width; {}: unknown
+
+    def cap(self, depth: int) -> int:
+        """``depth``, lowered to the deepest tree the draft can fill."""
+        return depth if self.max_depth is None else min(depth, self.max_depth)
+
+
 def choose(
     profile: Profile,
     acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
@@ -132,15 +144,17 @@ def choose(
     max_size: int | None = None,
     max_depth: int = 16,
     top: int = 5,
-    level_ms: Mapping[int, float] | None = None,
+    draft: DraftLimits | None = None,
 ) -> Choice:
     """:func:`choose_tree` with latencies read from profiles at ``prefix_len``.
 
-    The draft's per-level cost comes from ``draft_profile`` (its ``draft`` section, or its
-    target grid when it profiles the draft model itself), else from ``level_ms`` (ms per level
-    by width, as a trained draft's card records), else from ``profile``'s ``draft`` section;
-    with none of them, drafting is taken as free (a model-free proposer such as n-gram).
+    ``draft`` caps ``max_depth`` at the deepest tree the draft can fill. The draft's per-level
+    cost comes from ``draft_profile`` (its ``draft`` section, or its target grid when it
+    profiles the draft model itself), else from ``draft.level_ms`` (ms per level by width, as a
+    trained draft's card records), else from ``profile``'s ``draft`` section; with none of
+    them, drafting is taken as free (a model-free proposer such as n-gram).
     """
+    draft = draft or DraftLimits()
     largest = int(max(profile.target.tokens))
     max_size = largest if max_size is None else int(max_size)
     if max_size > largest:
@@ -151,9 +165,9 @@ def choose(
     return choose_tree(
         acceptance,
         lambda n: profile.latency(n, prefix_len),
-        draft_latency_fn(profile, draft_profile, prefix_len, level_ms),
+        draft_latency_fn(profile, draft_profile, prefix_len, draft.level_ms),
         max_size,
-        max_depth,
+        draft.cap(max_depth),
         top=top,
     )
 

@@ -19,9 +19,8 @@ Example::
 from __future__ import annotations
 
 import ast
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from sequoia.errors import ConfigError, FileFormatError, TreeError
+from sequoia.files import read_json, write_atomic, write_json_atomic
 
 TREE_FORMAT = "sequoia-tree/1"
 ROOT_PARENT = -1
@@ -333,38 +333,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_int_list(values: Any) -> bool:
     return isinstance(values, (list, tuple)) and all(_is_int(v) for v in values)
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Load a JSON file, turning a missing or malformed file into :class:`FileFormatError`."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise FileFormatError(f"file not found: {path}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{path} is not valid JSON: {exc}") from exc
-    except IsADirectoryError as exc:
-        raise FileFormatError(f"{path} is a directory, not a JSON file") from exc
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place, so a
-    failure (or an exception raised by ``write``) leaves no partial file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file and rename, so failures leave no partial file."""
-    text = json.dumps(data, indent=1) + "\n"  # serialise first: a bad value writes nothing
-    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def export(tree: Tree, fmt: str, path: str | os.PathLike) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sequoia.bench import markdown, write_report
+from sequoia.bench.report import markdown, write_report
 from sequoia.drafts import LMProposer, NgramProposer
 from sequoia.errors import ConfigError
-from sequoia.methods import (
+from sequoia.bench.methods import (
     ForwardCounter,
     Method,
     Setting,
@@ -123,9 +123,9 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     from trained_draft_helpers import random_draft
     from word_tokenizer import word_tokenizer
 
-    from sequoia.bench import BenchConfig, benchmark
-    from sequoia.drafts.trained import save_draft, update_card
-    from sequoia.profiler import LatencyGrid, Profile
+    from sequoia.bench.runner import BenchConfig, benchmark
+    from sequoia.drafts.card import save_draft, update_card
+    from sequoia.profile import LatencyGrid, Profile
 
     target = tiny_llama(seed=0)
     target.save_pretrained(tmp_path / "target")

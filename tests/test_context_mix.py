@@ -18,10 +18,12 @@ from trained_draft_helpers import check_greedy_lossless, context, random_draft
 
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.context_mix import FOLLOWERS, ContextMix, components, fit_weights
-from sequoia.drafts.evaluate import agreement, fit_context_mix
-from sequoia.drafts.features import extract_features
+from sequoia.drafts.training.evaluate import agreement, fit_context_mix
+from sequoia.drafts.training.features import extract_features
 from sequoia.drafts.ngram import NgramIndex
-from sequoia.drafts.trained import CARD, ReducedVocab, load_context_mix, save_draft, update_card
+from sequoia.drafts.card import CARD, save_draft, update_card
+from sequoia.drafts.trained import ReducedVocab
+from sequoia.drafts.registry import load_context_mix
 from sequoia.engine import Engine
 from sequoia.errors import FileFormatError
 from sequoia.models import LoadedModel, tiny_llama
@@ -182,9 +184,9 @@ def test_refit_and_drop_a_saved_drafts_mix(tmp_path):
     """`sequoia draft mix` in the library: fit on a store, re-evaluate, record; then remove."""
     from word_tokenizer import word_tokenizer
 
-    from sequoia.drafts.data import DataStore, Manifest, generate_data
-    from sequoia.drafts.train import drop_mix, refit_mix
-    from sequoia.drafts.trained import read_card
+    from sequoia.drafts.training.data import DataStore, Manifest, generate_data
+    from sequoia.drafts.training.train import drop_mix, refit_mix
+    from sequoia.drafts.card import read_card
 
     target = tiny_llama(seed=0)
     tokenizer = word_tokenizer()

@@ -9,7 +9,7 @@ from scipy import stats
 from transformers import LogitsProcessorList
 from word_tokenizer import word_tokenizer
 
-from sequoia.drafts.data import DataStore, DrawNextToken, Manifest, generate_data, training_prompts
+from sequoia.drafts.training.data import DataStore, DrawNextToken, Manifest, generate_data, training_prompts
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, tiny_llama
 from sequoia.prompts import load_prompts

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sequoia.drafts import LMProposer, make_proposer
+from sequoia.drafts import DraftSpec, LMProposer
 from sequoia.drafts.early_exit import early_exit_model, parse_spec
 from sequoia.engine import Engine
 from sequoia.errors import ConfigError
@@ -46,7 +46,7 @@ def test_greedy_engine_and_hf_assisted_match_target_generate(target):
 
 def test_specs_and_bad_input(target):
     assert parse_spec("early-exit:3") == 3 and parse_spec("ngram") is None
-    proposer = make_proposer("early-exit:2", SimpleNamespace(model=target, tokenizer=None))
+    proposer = DraftSpec.resolve("early-exit:2", "tiny").proposer(SimpleNamespace(model=target, tokenizer=None))
     assert isinstance(proposer, LMProposer) and len(proposer.model.model.layers) == 2
     with pytest.raises(ConfigError, match="early-exit:N"):
         parse_spec("early-exit:x")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sequoia.drafts import LMProposer, NgramProposer, NoDraft, make_proposer
+from sequoia.drafts import DraftSpec, LMProposer, NgramProposer, NoDraft
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.lm import check_same_vocabulary
-from sequoia.engine import StepResult
+from sequoia.drafts.base import StepResult
 from sequoia.errors import ModelError
 from sequoia.forward import cache_kwargs
 from sequoia.models import tiny_llama
@@ -89,5 +89,5 @@ def test_vocabulary_mismatch_is_a_model_error(tiny_target):
 
 
 def test_make_proposer_builtins(tiny_target):
-    assert isinstance(make_proposer("none", tiny_target), NoDraft)
-    assert isinstance(make_proposer("ngram", tiny_target), NgramProposer)
+    assert isinstance(DraftSpec.resolve("none", "tiny").proposer(tiny_target), NoDraft)
+    assert isinstance(DraftSpec.resolve("ngram", "tiny").proposer(tiny_target), NgramProposer)

@@ -10,20 +10,22 @@ import pytest
 import torch
 from trained_draft_helpers import bigram_target, check_greedy_lossless, random_draft, sampled_sequences
 
-from sequoia.drafts import make_proposer, resolve_draft
-from sequoia.drafts import train as train_module
-from sequoia.drafts.data import DataStore, Manifest
+from sequoia.drafts import DraftSpec
+from sequoia.drafts.training import train as train_module
+from sequoia.drafts.training.data import DataStore, Manifest
 from sequoia.drafts.context_mix import ContextMix
-from sequoia.drafts.evaluate import agreement, level_costs
-from sequoia.drafts.features import FeatureCache, FeatureSet, extract_features
+from sequoia.drafts.training.evaluate import agreement, level_costs
+from sequoia.drafts.training.features import FeatureCache, FeatureSet, extract_features
 from sequoia.drafts.heads import HeadsProposer
 from sequoia.drafts.ngram import NgramIndex
-from sequoia.drafts.train import TrainSettings, draft_loss, open_training_data, train_draft
-from sequoia.drafts.trained import (
-    CARD, WEIGHTS, DraftLimits, ReducedVocab, draft_limits, load_draft, save_draft, update_card,
-)
+from sequoia.drafts.training.train import TrainSettings, draft_loss, open_training_data, train_draft
+from sequoia.drafts.card import CARD, WEIGHTS, save_draft, update_card
+from sequoia.optimizer import DraftLimits
+from sequoia.drafts.trained import ReducedVocab
+from sequoia.drafts.registry import load_draft
 from sequoia.errors import ConfigError, FileFormatError, ModelError
 from sequoia.models import LoadedModel, tiny_llama
+from cli_helpers import assert_user_error
 
 FAST = dict(heads=3, vocab=48, batch_tokens=512, lr=3e-3, precision="float32", minutes=None)
 
@@ -216,7 +218,7 @@ def test_saved_draft_loads_and_decodes(tiny_target, tmp_path):
     assert back.kind == "chimera" and back.config == model.config and torch.equal(back.vocab.ids, model.vocab.ids)
     for a, b in zip(model.state_dict().values(), back.state_dict().values()):
         assert torch.equal(a.to(torch.bfloat16).float(), b)  # shipped in bfloat16
-    proposer = make_proposer(str(tmp_path / "d"), loaded(tiny_target))
+    proposer = DraftSpec.resolve(tmp_path / "d", "tiny").proposer(loaded(tiny_target))
     assert isinstance(proposer, HeadsProposer) and proposer.model.out.weight.dtype == torch.bfloat16
     check_greedy_lossless(proposer.model, tiny_target, [1, 5, 9, 3, 7])
     timed = back.proposer()
@@ -231,7 +233,7 @@ def test_saved_draft_loads_and_decodes(tiny_target, tmp_path):
 def test_a_draft_for_another_target_is_refused(tiny_target, tmp_path, other, words):
     save_draft(random_draft("mlp", tiny_target), tmp_path / "d", "tiny")
     with pytest.raises(ModelError, match=words) as info:
-        make_proposer(str(tmp_path / "d"), loaded(tiny_llama(**other)))
+        DraftSpec.resolve(tmp_path / "d", "tiny").proposer(loaded(tiny_llama(**other)))
     assert "\n" not in str(info.value) and "sequoia draft train" in str(info.value)
 
 
@@ -311,29 +313,27 @@ def test_cli_bad_input_is_one_line(case, tiny_target, tmp_path):
         "mix of no draft": (["mix", str(tmp_path / "nothing"), "--data", str(tmp_path / "s")], "not a trained draft"),
         "mix ngram 0": (["mix", str(tmp_path / "d"), "--max-ngram", "0", "--data", str(tmp_path / "s")], "--max-ngram"),
     }[case]
-    result = CliRunner().invoke(app, ["draft", *args])
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
-    assert not (tmp_path / "o").exists()
+    assert_user_error(CliRunner().invoke(app, ["draft", *args]), words, tmp_path / "o")
 
 
 def test_draft_limits_come_from_the_card(tiny_target, tmp_path):
     save_draft(random_draft("mlp", tiny_target, heads=3), tmp_path / "d", "tiny")
-    assert draft_limits(tmp_path / "d") == DraftLimits(3, {})  # not evaluated yet: cost unknown
+    assert DraftSpec.resolve(tmp_path / "d", "tiny").limits == DraftLimits(3, {})  # not evaluated yet: cost unknown
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 1.25, "16": 1.8}}})
-    assert draft_limits(tmp_path / "d") == DraftLimits(3, {1: 1.25, 16: 1.8})
-    assert draft_limits("ngram") == draft_limits("early-exit:4") == DraftLimits()
+    assert DraftSpec.resolve(tmp_path / "d", "tiny").limits == DraftLimits(3, {1: 1.25, 16: 1.8})
+    assert DraftSpec.resolve("ngram", "tiny").limits == DraftSpec.resolve("early-exit:4", "tiny").limits == DraftLimits()
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"one": "fast"}}})
     with pytest.raises(FileFormatError, match="cost_ms_per_level"):
-        draft_limits(tmp_path / "d")
+        DraftSpec.resolve(tmp_path / "d", "tiny")
 
 
 def test_the_default_draft_is_the_packaged_one_when_it_ships(monkeypatch):
-    import sequoia.drafts.trained as trained
+    import sequoia.drafts.registry as registry
 
-    assert resolve_draft("early-exit:4", "smollm2-135m") == "early-exit:4"
-    assert resolve_draft(None, "some/other-model") == "ngram"
-    monkeypatch.setattr(trained, "packaged_drafts", lambda: [])
-    assert resolve_draft(None, "smollm2-135m") == "ngram"
-    monkeypatch.setattr(trained, "packaged_drafts", lambda: ["smollm2-135m-chimera", "smollm2-135m-mlp"])
-    assert resolve_draft(None, "smollm2-135m") == "smollm2-135m-chimera"
+    assert DraftSpec.resolve("early-exit:4", "smollm2-135m").name == "early-exit:4"
+    assert DraftSpec.resolve(None, "some/other-model").name == "ngram"
+    monkeypatch.setattr(registry, "packaged_drafts", lambda: [])
+    assert DraftSpec.resolve(None, "smollm2-135m").name == "ngram"
+    monkeypatch.setattr(registry, "packaged_drafts", lambda: ["smollm2-135m-chimera", "smollm2-135m-mlp"])
+    spec = DraftSpec.resolve(None, "smollm2-135m")
+    assert (spec.name, spec.kind, spec.limits.max_depth) == ("smollm2-135m-chimera", "trained", 4)

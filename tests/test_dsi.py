@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sequoia.dsi import (
+from sequoia.dsi.simulator import (
     DEFAULT_ACCEPTANCES,
     DEFAULT_DRAFTER_FRACTIONS,
     DSIConfig,
@@ -18,7 +18,7 @@ from sequoia.dsi import (
     reveal_times,
     simulate,
 )
-from sequoia.dsi_paper import (
+from sequoia.dsi.paper import (
     PAPER_PROTOCOL,
     PAPER_SETTINGS,
     REPORTED_RANGE,

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sequoia.dsi_orchestrator import DSIOrchestrator, _Run, dsi_generate
-from sequoia.dsi_pool import THREAD_PREFIX, ThreadPool
+from sequoia.dsi.orchestrator import DSIOrchestrator, _Run, dsi_generate
+from sequoia.dsi.pool import THREAD_PREFIX, ThreadPool
 from sequoia.errors import ConfigError
 
 PROMPTS = ([1, 2, 3], [5, 9, 11, 13, 2, 7], [40])

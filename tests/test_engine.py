@@ -12,7 +12,8 @@ import torch
 
 from sequoia.drafts import LMProposer, NgramProposer, NoDraft
 from sequoia.drafts.base import Draft, DraftContext, Proposer
-from sequoia.engine import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, DecodeStats, Engine, StepResult, StepTimer
+from sequoia.engine import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, DecodeStats, Engine, StepTimer
+from sequoia.drafts.base import StepResult
 from sequoia.errors import ConfigError
 from sequoia.models import tiny_llama
 from sequoia.solver import solve

@@ -13,8 +13,9 @@ import importlib.util
 import pytest
 import torch
 
-from sequoia.drafts import LMProposer, make_proposer
-from sequoia.engine import STOP_EOS, STOP_LENGTH, Engine, eos_token_ids
+from sequoia.drafts import DraftSpec, LMProposer
+from sequoia.engine import STOP_EOS, STOP_LENGTH, Engine
+from sequoia.models import eos_token_ids
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.solver import chain, kary, solve
 from sequoia.tree import Tree
@@ -83,7 +84,7 @@ def _check_lossless(smollm, references, proposer, tree: Tree, prompts, max_new: 
     ids=["none-single", "shipped-chimera-solver16", "shipped-mlp-solver16", "ngram-3ary", "early-exit-solver16", "self-chain"],
 )
 def test_greedy_matches_generate(smollm, references, draft, tree):
-    proposer = LMProposer(smollm.model) if draft == "self" else make_proposer(draft, smollm)
+    proposer = LMProposer(smollm.model) if draft == "self" else DraftSpec.resolve(draft, smollm.name).proposer(smollm)
     engine = _check_lossless(smollm, references, proposer, tree, PROMPTS, MAX_NEW)
     if draft == "self":  # the target agrees with itself everywhere
         assert engine.stats.acceptance_by_depth() == [1.0] * len(engine.stats.depth_tried)
@@ -96,4 +97,4 @@ def test_greedy_matches_generate_optimal_64_builtin_prompts(smollm, references):
     prompts = [p.text for p in load_prompts("builtin", 6)]
     tree = solve(ACCEPTANCE, 64, 10).tree(64, 10)
     assert tree.size == 64
-    _check_lossless(smollm, references, make_proposer("early-exit:6", smollm), tree, prompts, 64)
+    _check_lossless(smollm, references, DraftSpec.resolve("early-exit:6", smollm.name).proposer(smollm), tree, prompts, 64)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sequoia.errors import ConfigError
-from sequoia.optimizer import choose, choose_tree, draft_latency_fn, evaluate, level_widths
-from sequoia.profiler import LatencyGrid, Profile
+from sequoia.optimizer import DraftLimits, choose, choose_tree, draft_latency_fn, evaluate, level_widths
+from sequoia.profile import LatencyGrid, Profile
 from sequoia.solver import chain, solve
 from sequoia.tree import Tree
 
@@ -87,7 +87,7 @@ def test_card_costs_price_the_draft_and_a_profile_wins_over_them():
     assert draft_latency_fn(profile, None, 256)(8) == 0.0  # nothing known: free
     draft_profile = Profile(_grid("tiny-draft", [1, 8, 16], [2.0, 2.5, 3.0]), {"name": "test"}, {})
     assert draft_latency_fn(profile, draft_profile, 256, level_ms)(8) == pytest.approx(2.5)
-    priced = choose(profile, P, prefix_len=256, max_depth=8, level_ms={1: 20.0, 16: 25.0})
+    priced = choose(profile, P, prefix_len=256, max_depth=8, draft=DraftLimits(None, {1: 20.0, 16: 25.0}))
     free = choose(profile, P, prefix_len=256, max_depth=8)
     assert priced.best.depth < free.best.depth
     assert priced.best.draft_ms == pytest.approx(sum(20 + 5 * (w - 1) / 15 for w in level_widths(priced.best.tree)[:-1]))

@@ -13,8 +13,9 @@ from sequoia import profiler
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.forward import tree_attention_mask
 from sequoia.models import load_model
-from sequoia.profiler import LatencyGrid, Profile, representative_tree
-from sequoia.tree import write_json_atomic
+from sequoia.profile import LatencyGrid, Profile
+from sequoia.profiler import representative_tree
+from sequoia.files import write_json_atomic
 
 
 def grid_from_medians(medians, prefixes, tokens, model="m") -> LatencyGrid:

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import assert_user_error, invoke
 from word_tokenizer import WORDS, word_tokenizer
 
 from sequoia.drafts import LMProposer, NgramProposer
@@ -31,7 +31,6 @@ from sequoia.sampling import SamplingConfig
 from sequoia.serve import ServedModel, Server, create_app
 from sequoia.serve.text import TextStream
 from sequoia.tree import Tree
-from sequoia_cli.main import app as cli_app
 
 NAME = "tiny"
 TREE = Tree.from_children_counts([2, 2, 1, 1, 1])
@@ -382,10 +381,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     ],
 )
 def test_cli_bad_option_is_one_error_line(args, message):
-    result = CliRunner().invoke(cli_app, ["serve", *args])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert_user_error(invoke("serve", *args), message)
 
 
 def test_cli_serves_and_stops_cleanly_on_sigterm(tmp_path):
@@ -410,8 +406,7 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(tmp_path):
     engines = _engine_threads()
     asker = threading.Thread(target=ask_then_stop, daemon=True)
     asker.start()
-    result = CliRunner().invoke(cli_app, ["serve", "--target", str(tmp_path), "--draft", "ngram", "--port",
-                                          str(port), "--shutdown-timeout", "1"])
+    result = invoke("serve", "--target", tmp_path, "--draft", "ngram", "--port", port, "--shutdown-timeout", 1)
     asker.join(5)
     assert result.exit_code == 0, result.output
     assert answers == [_plain_greedy_text(_ids(PROMPT), 10)]

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from sequoia.drafts.base import DraftContext
-from sequoia.drafts.trained import ReducedVocab, TrainedDraft, draft_kinds
+from sequoia.drafts.trained import ReducedVocab, TrainedDraft
+from sequoia.drafts.registry import draft_kinds
 from sequoia.engine import Engine
 from sequoia.models import tiny_llama
 from sequoia.sampling import SamplingConfig

@@ -21,15 +21,28 @@ early exit) sets ``needs_hidden_states`` and finds them in ``ctx.hidden_states``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 
-if TYPE_CHECKING:
-    from sequoia.engine import StepResult
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did."""
+
+    tokens: tuple[int, ...]  # emitted: accepted draft tokens then the target's, cut after EOS
+    accepted_nodes: tuple[int, ...]  # the verified path of node ids, root first
+    tree: Tree  # the tree drafted (the engine's tree, cut near the length limits)
+    draft_tokens: torch.Tensor  # [n] int64
+    hidden_states: torch.Tensor | None  # [len(accepted_nodes), hidden] target's, if requested
+    stop: str | None  # why generation ended with this step (STOP_*), None if it goes on
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted_nodes) - 1
 
 
 @dataclass(frozen=True)

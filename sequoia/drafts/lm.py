@@ -9,19 +9,14 @@ not seen yet (the root, and an accepted leaf) are fed at the start of the next p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from sequoia.drafts.base import Draft, DraftContext, Proposer
+from sequoia.drafts.base import Draft, DraftContext, Proposer, StepResult
 from sequoia.errors import ModelError
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.sampling import logits_to_probs, sample_with_replacement, sample_without_replacement
 from sequoia.tree import Tree
-
-if TYPE_CHECKING:
-    from sequoia.engine import StepResult
 
 
 class LMProposer(Proposer):

@@ -15,7 +15,7 @@ embeddings are the target's own (frozen, shared, not stored) behind a per-head p
 and one output layer over the reduced vocabulary serves every head (as the paper's
 ``tie_weights`` option), started from the target's output rows.
 
-Training (:mod:`sequoia.drafts.train`) follows the paper's two stages: first the target's
+Training (:mod:`sequoia.drafts.training.train`) follows the paper's two stages: first the target's
 *input* behaviour (next-token cross-entropy over prompts and continuations), then its
 *output* behaviour (KL to the target's distribution on its own continuations).
 """

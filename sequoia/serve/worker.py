@@ -26,10 +26,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sequoia.drafts.base import Proposer
-
-# Names that move between modules in the layout issue (18): imported here only.
-from sequoia.engine import STOP_EOS, VERIFIERS, Engine, eos_token_ids
+from sequoia.engine import STOP_EOS, VERIFIERS, Engine
 from sequoia.errors import ConfigError, SequoiaError
+from sequoia.models import eos_token_ids
 from sequoia.prompts import render_messages
 from sequoia.sampling import SamplingConfig
 from sequoia.serve.metrics import ServeMetrics

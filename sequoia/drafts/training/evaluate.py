@@ -29,10 +29,11 @@ import torch
 
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.context_mix import MAX_NGRAM, ContextMix, components, fit_weights, node_suffixes
-from sequoia.drafts.features import FeatureCache, FeatureSet
+from sequoia.drafts.training.features import FeatureCache, FeatureSet
 from sequoia.drafts.heads import HeadsProposer
 from sequoia.drafts.ngram import NgramIndex, Suffix
-from sequoia.drafts.trained import TrainedDraft, load_context_mix, load_draft, load_trained_proposer
+from sequoia.drafts.trained import TrainedDraft
+from sequoia.drafts.registry import load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
@@ -227,7 +228,7 @@ def measure_acceptance(
     tokens per step the optimal tree of at most ``max_size`` nodes and the draft's depth
     predicts with it: the card's ``acceptance`` entry."""
     from sequoia.acceptance import AcceptanceResult, measure_counts_by_depth
-    from sequoia.engine import eos_token_ids
+    from sequoia.models import eos_token_ids
     from sequoia.prompts import load_prompts, render_prompt
     from sequoia.solver import solve
 

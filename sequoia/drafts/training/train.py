@@ -1,6 +1,6 @@
 """Training a draft on the target's own features: losses, stages, checkpoints, time budget.
 
-Every step draws random sequences from the cached features (:mod:`sequoia.drafts.features`),
+Every step draws random sequences from the cached features (:mod:`sequoia.drafts.training.features`),
 unrolls all the draft's levels teacher-forced (:meth:`TrainedDraft.unroll`) and sums one loss
 per level over the reduced vocabulary:
 
@@ -35,19 +35,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sequoia.drafts.data import DataStore
+from sequoia.drafts.training.data import DataStore
 from sequoia.drafts.context_mix import CARD_KEY, MAX_NGRAM, ContextMix, batch_terms
-from sequoia.drafts.evaluate import (
-    LevelAgreement, agreement, evaluate_draft, evaluation_record, fit_context_mix, level_costs,
+from sequoia.drafts.training.evaluate import (
+    LevelAgreement,
+    agreement,
+    evaluate_draft,
+    evaluation_record,
+    fit_context_mix,
+    level_costs,
 )
-from sequoia.drafts.features import FeatureBatch, FeatureCache, FeatureSet
-from sequoia.drafts.trained import (
-    ReducedVocab, TrainedDraft, draft_dir, draft_kinds, load_draft, load_trained_proposer, read_card, save_draft,
-    update_card,
-)
+from sequoia.drafts.training.features import FeatureBatch, FeatureCache, FeatureSet
+from sequoia.drafts.trained import ReducedVocab, TrainedDraft
+from sequoia.drafts.card import draft_dir, read_card, save_draft, update_card
+from sequoia.drafts.registry import draft_kinds, load_draft, load_trained_proposer
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name
-from sequoia.tree import write_atomic
+from sequoia.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "sequoia-draft-checkpoint/1"

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from sequoia.dsi import DSIConfig, SimResult, simulate
-from sequoia.dsi_orchestrator import dsi_generate, target_greedy
+from sequoia.dsi.simulator import DSIConfig, SimResult, simulate
+from sequoia.dsi.orchestrator import dsi_generate, target_greedy
 from sequoia.errors import ConfigError
 
 

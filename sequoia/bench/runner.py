@@ -6,7 +6,7 @@ draft, whose deeper heads are less accurate -- :func:`sequoia.acceptance.measure
 asks the optimizer for the
 fastest tree on the profiled device, builds the best chain, k-ary and k-chains trees of the
 same size, and runs them against Hugging Face ``generate`` (each dtype), assisted generation
-and prompt lookup on the same prompts, interleaved (:mod:`sequoia.methods`). The report holds
+and prompt lookup on the same prompts, interleaved (:mod:`sequoia.bench.methods`). The report holds
 every run, the medians, the speed-ups over the fastest plain ``generate``, measured against
 predicted tokens/step, and the greedy token-for-token agreement check.
 """
@@ -14,28 +14,25 @@ predicted tokens/step, and the greedy token-for-token agreement check.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from sequoia.acceptance import measure_counts_by_depth, rates_by_depth
-from sequoia.drafts import LMProposer, Proposer, load_draft_model, make_proposer, resolve_draft
-from sequoia.drafts.trained import draft_limits
-from sequoia.engine import eos_token_ids
+from sequoia.drafts import DraftSpec, LMProposer, Proposer
+from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError
-from sequoia.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
+from sequoia.bench.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.optimizer import choose
 from sequoia.prepack import prepacked_copy
-from sequoia.profiler import Profile
+from sequoia.profile import Profile
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia.tree import Tree, write_atomic, write_json_atomic
+from sequoia.tree import Tree
 
 RESULT_FORMAT = "sequoia-bench/1"
 Progress = Callable[[int, int, str], None]
@@ -47,7 +44,7 @@ class BenchConfig:
 
     profile: str  # target profile (sequoia-profile/1) in the engine's dtype
     target: str = DEFAULT_MODEL
-    draft: str | None = None  # None: the target's default draft (see resolve_draft)
+    draft: str | None = None  # None: the target's default draft (see DraftSpec.resolve)
     draft_profile: str | None = None
     assistant: str | None = None  # causal-LM draft for HF assisted generation when ``draft`` is not one
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines
@@ -68,8 +65,9 @@ class BenchConfig:
 
 def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
-    config = replace(config, draft=resolve_draft(config.draft, config.target))
-    limits = draft_limits(config.draft)
+    draft = DraftSpec.resolve(config.draft, config.target)
+    config = replace(config, draft=draft.name)
+    limits = draft.limits
     max_depth = limits.cap(config.max_depth)
     if config.engine_dtype not in config.dtypes:
         raise ConfigError(f"the engine dtype {config.engine_dtype} must be one of --dtypes {config.dtypes}")
@@ -84,18 +82,20 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     prompt_set = load_prompts(config.prompts, config.limit)
     prompts = [torch.tensor(render_prompt(main.tokenizer, p.text, config.chat)) for p in prompt_set]
     eos = eos_token_ids(main.model, main.tokenizer)
-    probe = make_proposer(config.draft, engine_main, dtype=config.engine_dtype, device=config.device)
+    probe = draft.proposer(engine_main, dtype=config.engine_dtype, device=config.device)
     shared = probe.model if isinstance(probe, LMProposer) else None
     assistant_spec = config.draft if shared is not None else config.assistant
     assistant = None
     if assistant_spec is not None:  # HF's peers run plain models, as their users would
-        assistant = load_draft_model(assistant_spec, main, dtype=config.engine_dtype, device=config.device)
+        assistant = DraftSpec.resolve(assistant_spec, config.target).causal_lm(
+            main, dtype=config.engine_dtype, device=config.device
+        )
 
     def factory() -> Proposer:
         """A fresh proposer per engine; an LM draft's weights are loaded once and shared."""
         if shared is not None:
             return LMProposer(shared)
-        return make_proposer(config.draft, engine_main, dtype=config.engine_dtype, device=config.device)
+        return draft.proposer(engine_main, dtype=config.engine_dtype, device=config.device)
     prefix_len = int(sum(len(p) for p in prompts) / len(prompts) + config.max_new_tokens / 2)
     notes = []
     if engine_main.model is not main.model:
@@ -118,8 +118,8 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         )
         rates = rates_by_depth(counts, samples)
         setting = Setting(label, sampling, rates if len(rates) > 1 else rates[0])
-        choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=max_depth,
-                        level_ms=limits.level_ms)
+        choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=config.max_depth,
+                        draft=limits)
         tree = fixed_tree or choice.best.tree
         methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, config.engine_dtype,
                                   engine_main.model, factory, tree, eos, assistant, limits.max_depth)
@@ -152,77 +152,6 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         "sections": sections,
     }
 
-
-def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: one table per sampling setting, then the agreement check."""
-    cfg = report["config"]
-    lines = [
-        f"# Sequoia bench — {cfg['target']} with draft `{cfg['draft']}`",
-        "",
-        f"{report['date']} · {report['machine']['processor']} · torch {report['machine']['torch']} · "
-        f"{report['machine']['threads']} threads · {len(report['prompts'])} prompts × {cfg['max_new_tokens']} "
-        f"new tokens · engine dtype {cfg['engine_dtype']} · medians over prompts (min–max)",
-        *(f"\nNote: {note}" for note in report.get("notes", [])),
-    ]
-    for sec in report["sections"]:
-        opt = sec["optimizer"]
-        acc = sec["acceptance"]
-        vec = ", ".join(f"{x:.3f}" for x in acc["vector"][:4])
-        deeper = "".join(
-            f"; depth {k}: p[1] = {row[0]:.3f} ({n} positions)"
-            for k, (row, n) in enumerate(zip(acc.get("by_depth", [])[1:], acc.get("depth_samples", [])[1:]), start=2)
-        )
-        lines += ["", f"## {sec['setting']}", "",
-                  f"Acceptance p[1..4] = {vec} ({acc['samples']} positions){deeper}; optimizer: "
-                  f"{opt['size']} nodes, depth {opt['depth']}, predicted {opt['predicted_tokens_per_step']:.2f} "
-                  f"tokens/step, {opt['predicted_speedup']:.2f}x", "",
-                  "| method | tokens/s | speed-up | tokens/step | predicted |", "|---|---|---|---|---|"]
-        for row in sec["summary"]:
-            pred = row["predicted_tokens_per_step"]
-            lines.append(
-                f"| {row['method']} | {row['tokens_per_s']:.1f} ({row['tokens_per_s_min']:.1f}–"
-                f"{row['tokens_per_s_max']:.1f}) | {row['speedup']:.2f}x | {row['tokens_per_step']:.2f} | "
-                f"{'' if pred is None else f'{pred:.2f}'} |"
-            )
-        if sec["greedy_agreement"] is not None:
-            bad = {k: v for k, v in sec["greedy_agreement"].items() if not v["identical"]}
-            lines += ["", "Greedy outputs identical to plain `generate` in the same dtype: "
-                      + ("all methods, every prompt." if not bad else
-                         "; ".join(f"{k}: prompts {v['mismatched_prompts']} differ from token "
-                                   f"{v['first_difference_at']}" for k, v in bad.items()))]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Bar chart of speed-up per method, one panel per sampling setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sections = report["sections"]
-    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 4.5), squeeze=False)
-    for ax, sec in zip(axes[0], sections):
-        names = [r["method"].split(" (")[0] for r in sec["summary"]]
-        speed = [r["speedup"] for r in sec["summary"]]
-        ax.barh(names[::-1], speed[::-1], color=["tab:green" if n == "sequoia" else "tab:blue" for n in names[::-1]])
-        ax.axvline(1.0, color="grey", lw=0.8)
-        ax.set_title(sec["setting"])
-        ax.set_xlabel("speed-up over fastest plain generate")
-    fig.suptitle(f"{report['config']['target']} + {report['config']['draft']} on {report['machine']['processor']}")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def write_report(report: dict[str, Any], stem: str | os.PathLike) -> list[Path]:
-    """Write ``stem.json``, ``stem.md`` and ``stem.png``, each atomically."""
-    stem = Path(stem)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    write_json_atomic(paths[0], report)
-    write_atomic(paths[1], lambda tmp: Path(tmp).write_text(markdown(report)))
-    plot(report, paths[2])
-    return paths
 
 
 def load_settings(temperatures: Sequence[float]) -> tuple[float, ...]:

@@ -23,12 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sequoia.drafts.data import DataStore, left_padded
+from sequoia.drafts.training.data import DataStore, left_padded
 from sequoia.drafts.trained import NO_TOKEN
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel, dtype_name
 from sequoia.prompts import load_prompts, render_prompt
-from sequoia.tree import read_json, write_atomic, write_json_atomic
+from sequoia.files import read_json, write_atomic, write_json_atomic
 
 CHUNK = 64  # sequences per cached feature file
 LOGIT_ROWS = 1024  # positions whose full logits are formed at once (memory bound)

@@ -31,7 +31,7 @@ from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import LoadedModel
 from sequoia.prompts import render_prompt
 from sequoia.sampling import SamplingConfig, logits_to_probs, sample
-from sequoia.tree import read_json, write_json_atomic
+from sequoia.files import read_json, write_json_atomic
 
 DATA_FORMAT = "sequoia-distill/1"
 MANIFEST = "manifest.json"

@@ -41,14 +41,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from sequoia.dsi import (
-    DEFAULT_HORIZON,
-    DEFAULT_SAMPLES,
-    DEFAULT_SP_DEGREE,
-    DSIConfig,
-    SimResult,
-    simulate,
-)
+from sequoia.dsi.simulator import DEFAULT_HORIZON, DEFAULT_SAMPLES, DEFAULT_SP_DEGREE, DSIConfig, SimResult, simulate
 from sequoia.errors import ConfigError
 
 PAPER_SOURCE = (
@@ -323,7 +316,7 @@ def paper_markdown(rows: Sequence[PaperComparison], samples: int, seed: int) -> 
         f"{paper.describe()}: {span_paper}.",
         f"* *thread-pool accounting* -- the expected ratio under the cost accounting of the "
         f"authors' thread-pool script ({THREADPOOL_SOURCE}), closed form in "
-        f"`sequoia.dsi_paper.threadpool_accounting`: {span_pool}, inside the reported "
+        f"`sequoia.dsi.paper.threadpool_accounting`: {span_pool}, inside the reported "
         f"{lo:.2f}-{hi:.2f}x.",
         "",
         "| target | drafter | dataset | target ms | drafter ms | drafter % | acceptance "

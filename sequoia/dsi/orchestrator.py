@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from sequoia.dsi_pool import ThreadPool, WorkerPool
+from sequoia.dsi.pool import ThreadPool, WorkerPool
 from sequoia.errors import ConfigError
 
 POLL_S = 0.05  # the coordinator wakes at least this often, so Ctrl-C is seen promptly

@@ -96,7 +96,7 @@ class _GatedProposer:
     needs_hidden_states = False
 
     def __init__(self) -> None:
-        self.inner, self.gate, self.delay = NgramProposer(), threading.Event(), 0.0
+        self.inner, self.gate, self.delay, self.fail_next = NgramProposer(), threading.Event(), 0.0, False
         self.gate.set()
 
     def reset(self) -> None:
@@ -108,6 +108,9 @@ class _GatedProposer:
     def propose(self, ctx: DraftContext, tree: Tree) -> Draft:
         self.gate.wait()
         time.sleep(self.delay)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("a bug in the draft")
         return self.inner.propose(ctx, tree)
 
     def observe(self, step) -> None:
@@ -287,6 +290,16 @@ def test_full_queue_answers_503_and_recovers(gated):
     finally:
         gated.proposer.gate.set()
     assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+
+
+def test_a_failing_decode_is_a_500_and_the_worker_goes_on(gated):
+    gated.proposer.fail_next = True
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    failed = httpx.post(f"{gated.url}/v1/completions", json=body)
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    assert "a bug in the draft" in failed.json()["error"]["message"]
+    assert httpx.post(f"{gated.url}/v1/completions", json=body).json()["choices"][0]["text"] == (
+        _plain_greedy_text(_ids(PROMPT), 4))
 
 
 def _wait(condition, timeout: float = 5.0) -> None:

@@ -161,6 +161,7 @@ def shape_name(linear: nn.Module) -> str:
 
 
 def linear_groups(model: nn.Module) -> dict[str, list[nn.Linear]]:
+    """The model's float32 CPU ``nn.Linear`` layers by :func:`shape_name`, each layer once."""
     groups: dict[str, list[nn.Linear]] = {}
     seen: set[int] = set()
     for module in model.modules():
@@ -177,8 +178,8 @@ def apply_kernels(model: nn.Module, calibration: Calibration | None = None, forc
     under :data:`MIN_BYTES` of such weights, or not wholly on the CPU, are left alone unless a
     ``calibration`` or ``force`` is given.
 
-    ``calibration`` defaults to :func:`sequoia.calibration.calibrate` (cached per device); ``force`` names one
-    kernel for every shape and bucket instead (tests, A/B runs). Shared modules (a tied or
+    ``calibration`` defaults to :func:`sequoia.calibration.calibrate` (cached per device);
+    ``force`` names one kernel for every shape and bucket instead (tests, A/B runs). Shared modules (a tied or
     reused layer) are swapped once. The choice is recorded on the model (:func:`describe`).
     """
     from sequoia.calibration import Calibration, calibrate, device_key, key_hash  # it imports this module
@@ -238,7 +239,7 @@ def fast_copy(model: nn.Module) -> nn.Module:
 def describe(model: nn.Module) -> dict[str, Any]:
     """Which kernels the model's linear layers run, for a profile's device description:
     ``{"fast_linears": n, "plans": {shape: {rows: kernel}}, "calibration": {...}}``, plus the
-    ISA torch dispatches to and the environment settings that cap it."""
+    ISA torch dispatches to and the environment settings that cap it or set how threads wait."""
     plans: dict[str, dict[str, str]] = {}
     count = 0
     for module in model.modules():
@@ -250,5 +251,5 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "plans": plans,
         "calibration": getattr(model, ATTR, None),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "isa_env": {name: value for name in ISA_ENV + THREAD_ENV if (value := os.environ.get(name))},
+        "env": {name: value for name in ISA_ENV + THREAD_ENV if (value := os.environ.get(name))},
     }

@@ -92,7 +92,7 @@ class DraftSpec:
 
 
 def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
-    """A trained draft's depth limit (its heads) and measured cost per level (its card's
+    """A trained draft's depth limit (its heads; none if recurrent) and measured cost per level (its card's
     evaluation)."""
     config = DraftConfig.from_json(card.get("config"), str(where))
     costs = (card.get("evaluation") or {}).get("cost_ms_per_level") or {}
@@ -100,4 +100,4 @@ def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
         level_ms = {int(w): float(ms) for w, ms in costs.items()}
     except (AttributeError, TypeError, ValueError):
         raise FileFormatError(f"{where}: 'cost_ms_per_level' must map widths to milliseconds") from None
-    return DraftLimits(config.heads, level_ms)
+    return DraftLimits(config.max_depth, level_ms)

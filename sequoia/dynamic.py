@@ -191,18 +191,37 @@ def slot_features(
 
 @dataclass(frozen=True)
 class TreeShaper:
-    """How a proposer shapes its tree each step: the calibration, slots per expanded node and
-    nodes expanded per level (EAGLE-2's top-k and beam)."""
+    """How a proposer shapes its tree each step: a calibration per mode (greedy; stochastic,
+    used at every temperature -- a miscalibrated one costs tokens, never exactness), the slots
+    per expanded node and the nodes expanded per level (EAGLE-2's top-k and beam; None: by the
+    tree size, :func:`beam_for`)."""
 
-    calibration: Calibration
+    greedy: Calibration
+    stochastic: Calibration
     width: int = 8
-    beam: int = 8
+    beam: int | None = None
 
-    def values(self, parent_values: torch.Tensor, features: torch.Tensor, depth: int) -> torch.Tensor:
+    def values(self, parent_values: torch.Tensor, features: torch.Tensor, depth: int, greedy: bool) -> torch.Tensor:
         """``V(v, i) = V(v) * a(f_i, depth)``, made non-increasing along ``i``: [p], [p, w] -> [p, w]."""
         assert parent_values.ndim == 1 and features.ndim == 2
-        factors = self.calibration.factor(features, depth).to(parent_values)
+        calibration = self.greedy if greedy else self.stochastic
+        factors = calibration.factor(features, depth).to(parent_values)
         return torch.cummin(parent_values[:, None] * factors, dim=1).values
+
+    def beam_for(self, size: int) -> int:
+        """Nodes expanded per level for a tree of ``size`` nodes: ``size // 4`` within 4..16."""
+        return self.beam or max(4, min(16, size // 4))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"greedy": self.greedy.to_json(), "stochastic": self.stochastic.to_json(), "width": self.width, "beam": self.beam}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> TreeShaper:
+        if not isinstance(data, dict) or not {"greedy", "stochastic"} <= set(data):
+            raise FileFormatError(f"{where}: 'per_step_trees' needs a greedy and a stochastic calibration")
+        beam = data.get("beam")
+        return cls(Calibration.from_json(data["greedy"], where), Calibration.from_json(data["stochastic"], where),
+                   int(data.get("width", 8)), None if beam is None else int(beam))
 
 
 def top_slots(values: torch.Tensor, count: int) -> torch.Tensor:  # [m] in tie order -> [k] ascending

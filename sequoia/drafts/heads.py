@@ -104,7 +104,7 @@ class HeadsProposer(Proposer):
         (:mod:`sequoia.dynamic`: grow the ``beam`` best slots per level, keep the best overall)."""
         shaper, device = self.shaper, self.model.out.weight.device
         size, depth = budget.size, budget.depth
-        width, beam = min(shaper.width, size - 1), min(shaper.beam, size - 1)
+        width, beam = min(shaper.width, size - 1), min(shaper.beam_for(size), size - 1)
         capacity = 1 + beam * (depth - 1)  # nodes that get expanded (the root, then <= beam per level)
         tokens = torch.empty(capacity, dtype=torch.long, device=device)  # [capacity] expanded nodes
         parents = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -119,7 +119,7 @@ class HeadsProposer(Proposer):
         parent_slot = {0: -1}  # expanded node -> its slot
         for level in range(depth):
             candidates, q, columns, features = self._children(ctx, level, expanding, int(expanding[-1]), width, suffixes)
-            values = shaper.values(node_values[expanding], features.cpu(), level + 1)  # [p, w]
+            values = shaper.values(node_values[expanding], features.cpu(), level + 1, ctx.sampling.greedy)  # [p, w]
             if not ctx.sampling.greedy:
                 full = self.vocab.to_full_probs(q, columns)
                 q_rows.update(zip(expanding.tolist(), full))

@@ -34,6 +34,7 @@ from sequoia.solver import solve
 MODES = {"greedy": SamplingConfig(0.0), "t1": SamplingConfig(1.0)}
 SIZES = (16, 32, 64)
 WIDTH = 8
+CALIBRATION_DEPTH = 4  # deeper slots are pooled: few are reached, and acceptance hardly moves there
 
 
 def prompt_split(tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -41,13 +42,15 @@ def prompt_split(tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [x for i, x in enumerate(ids) if i % 4 == 0], [x for i, x in enumerate(ids) if i % 4 != 0]
 
 
-def acceptance_rows(m: calibration.Measurement, depth: int) -> list[list[float]]:
-    """Mean slot label per (depth, rank) of a spine run: the positional acceptance by depth."""
-    d, _, y = m.slots()
+def acceptance_rows(m: calibration.Measurement, depth: int, pooled: int = CALIBRATION_DEPTH) -> list[list[float]]:
+    """Weighted mean slot label per (depth, rank) of a spine run -- the positional acceptance
+    given that verification reaches the parent, by depth; depths from ``pooled`` on share a row."""
+    d, _, y, w = m.slots()
     rows = []
     for level in range(1, depth + 1):
-        labels = y[d == level]
-        rows.append(labels.reshape(-1, WIDTH).mean(0).tolist() if len(labels) else [0.0] * WIDTH)
+        at = (d == level) if level < pooled else (d >= pooled)
+        labels, weights = y[at].reshape(-1, WIDTH), w[at].reshape(-1, WIDTH)
+        rows.append(((labels * weights).sum(0) / max(weights[:, 0].sum(), 1e-9)).tolist())
     return rows
 
 
@@ -65,7 +68,7 @@ def run(args) -> None:
             proposer = load_trained_proposer(args.draft, loaded.model)
             m = calibration.measure(loaded.model, proposer, calibrate[: args.calibration_prompts], spine_tree(WIDTH, depth),
                                     sampling, args.calibration_tokens, eos)
-            cal = calibration.fit(m, "greedy" if sampling.greedy else "stochastic", depth,
+            cal = calibration.fit(m, "greedy" if sampling.greedy else "stochastic", CALIBRATION_DEPTH,
                                   {"draft": args.draft, "prompts": f"builtin, {args.calibration_prompts} calibration prompts",
                                    "tokens": args.calibration_tokens, "temperature": sampling.temperature})
             cal.save(cal_path)
@@ -142,7 +145,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-depth", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--calibration-prompts", type=int, default=12)
-    parser.add_argument("--calibration-tokens", type=int, default=48)
+    parser.add_argument("--calibration-tokens", type=int, default=40)
     parser.add_argument("--report")
     parser.add_argument("--card")
     args = parser.parse_args()

@@ -12,6 +12,12 @@ in ``features``) and how likely the target was to accept it, given its parent:
   rejected (:func:`sequoia.verify.candidate_tests`, no coin flipped): the probability that this
   child is the accepted one.
 
+A slot's *weight* is the probability that verification reaches its parent (the product of the
+labels on the parent's path; greedy: 1 on the target's own path, else 0). The quantities the
+tree needs are conditional on reaching the parent, and a node under a rejected token sees a
+context the target never continues: unweighted, such slots pull the deep rates down (by a
+third at depth 4 here, 2026-12-06 in docs/experiments.md).
+
 :func:`measure` decodes prompts with a trained proposer and returns those slots plus the
 tokens per step (and, for a proposer that shapes its trees, what it predicted per step).
 """
@@ -38,8 +44,9 @@ def slot_labels(
     draft: Draft,
     target_logits: torch.Tensor,  # [n, vocab]
     sampling: SamplingConfig,
-) -> np.ndarray:  # [n] float64, NaN at the root
-    """Each node's acceptance label given its parent (module docstring)."""
+) -> tuple[np.ndarray, np.ndarray]:  # [n] labels (NaN at the root and childless parents' ...), [n] weights
+    """Each node's acceptance label given its parent, and its weight: the probability that
+    verification reaches its parent (module docstring). The root has label NaN."""
     assert target_logits.ndim == 2 and target_logits.shape[0] == tree.size
     labels = np.full(tree.size, np.nan)
     tokens = draft.tokens.tolist()
@@ -56,7 +63,12 @@ def slot_labels(
         for child, accept in zip(kids, candidate_tests(p[node], q, [tokens[c] for c in kids])):
             labels[child] = rejected_all * accept
             rejected_all *= 1.0 - accept
-    return labels
+    reach = np.ones(tree.size)  # P(verification reaches each node)
+    weights = np.zeros(tree.size)
+    for node in range(1, tree.size):
+        weights[node] = reach[tree.parents[node]]
+        reach[node] = weights[node] * labels[node]
+    return labels, weights
 
 
 @dataclass
@@ -71,16 +83,17 @@ class Measurement:
     depths: list[np.ndarray] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
+    weights: list[np.ndarray] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # the engine's sections
 
     @property
     def tokens_per_step(self) -> float:
         return 1.0 + self.accepted / max(self.steps, 1)
 
-    def slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(depths, features, labels) of every labelled slot."""
-        d, f, y = (np.concatenate(x) if x else np.zeros(0) for x in (self.depths, self.features, self.labels))
-        return d.astype(np.int64), f, y
+    def slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(depths, features, labels, weights) of every labelled slot."""
+        d, f, y, w = (np.concatenate(x) if x else np.zeros(0) for x in (self.depths, self.features, self.labels, self.weights))
+        return d.astype(np.int64), f, y, w
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -99,11 +112,12 @@ class _RecordingEngine(Engine):
 
     def _verify(self, tree: Tree, draft: Draft, logits: torch.Tensor) -> Acceptance:
         proposer, rec = self.proposer, self.record
-        labels = slot_labels(tree, draft, logits, self.sampling)
+        labels, weights = slot_labels(tree, draft, logits, self.sampling)
         keep = ~np.isnan(labels)
         rec.depths.append(tree.depths[keep])
         rec.features.append(proposer.features.numpy()[keep])
         rec.labels.append(labels[keep])
+        rec.weights.append(weights[keep])
         if draft.tree is not None and proposer.slot_values is not None:
             values = proposer.slot_values.numpy()
             rec.sorted_values.append(values)
@@ -138,26 +152,31 @@ def measure(
     return record
 
 
-def fit(measurement: Measurement, mode: str, max_depth: int = 8, meta: dict[str, Any] | None = None) -> Calibration:
-    """The calibration of the slots ``measurement`` labelled."""
-    depths, features, labels = measurement.slots()
-    return Calibration.fit(mode, features, depths, labels, max_depth, meta={**(meta or {}), "slots": int(len(labels))})
+def fit(measurement: Measurement, mode: str, max_depth: int = 4, meta: dict[str, Any] | None = None) -> Calibration:
+    """The calibration of the slots ``measurement`` labelled (depths past ``max_depth`` pooled:
+    few slots are reached that deep, and acceptance given the parent hardly moves there)."""
+    depths, features, labels, weights = measurement.slots()
+    meta = {**(meta or {}), "slots": int(len(labels)), "weight": round(float(weights.sum()), 1)}
+    return Calibration.fit(mode, features, depths, labels, max_depth, meta=meta, weights=weights)
 
 
 def reliability(calibration: Calibration, measurement: Measurement) -> list[dict[str, Any]]:
-    """Predicted vs measured acceptance per confidence bin (all depths pooled) on slots not
-    used for fitting: one row per bin that has slots."""
-    depths, features, labels = measurement.slots()
+    """Predicted vs measured acceptance per confidence bin (all depths pooled, slots weighted
+    by the probability of reaching their parent) on slots not used for fitting: one row per
+    bin that has slots."""
+    depths, features, labels, weights = measurement.slots()
     predicted = np.concatenate([
         calibration.factor(torch.from_numpy(features[depths == d]).float(), int(d)).numpy() for d in np.unique(depths)
     ]) if len(depths) else np.zeros(0)
     order = np.concatenate([np.nonzero(depths == d)[0] for d in np.unique(depths)]) if len(depths) else np.zeros(0, int)
-    labels = labels[order]
+    labels, weights = labels[order], weights[order]
     edges = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001])
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        at = (predicted >= lo) & (predicted < hi)
-        if at.any():
-            rows.append({"predicted": round(float(predicted[at].mean()), 4), "measured": round(float(labels[at].mean()), 4),
-                         "slots": int(at.sum())})
+        at = (predicted >= lo) & (predicted < hi) & (weights > 0)
+        if weights[at].sum() > 0:
+            w = weights[at]
+            rows.append({"predicted": round(float((predicted[at] * w).sum() / w.sum()), 4),
+                         "measured": round(float((labels[at] * w).sum() / w.sum()), 4),
+                         "slots": int(at.sum()), "weight": round(float(w.sum()), 1)})
     return rows

@@ -112,17 +112,19 @@ class Calibration:
         max_depth: int = 8,
         edges: tuple[float, ...] = EDGES,
         meta: dict[str, Any] | None = None,
+        weights: np.ndarray | None = None,  # [m] each slot's weight (P(its parent is reached))
     ) -> Calibration:
-        """Bin rates per depth (deeper depths pooled into ``max_depth``), pulled toward the
-        depth's mean with ``PRIOR_COUNT`` pseudo-samples and made monotone in the feature
-        (weighted pool-adjacent-violators)."""
+        """Weighted bin rates per depth (deeper depths pooled into ``max_depth``), pulled
+        toward the depth's mean with ``PRIOR_COUNT`` pseudo-samples and made monotone in the
+        feature (weighted pool-adjacent-violators)."""
+        weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=float)
         bins = np.clip(np.searchsorted(np.asarray(edges[1:-1]), features, side="right"), 0, len(edges) - 2)
         d = np.clip(depths, 1, max_depth) - 1
         table, counts = [], []
         for depth in range(max_depth):
             at = d == depth
-            n = np.bincount(bins[at], minlength=len(edges) - 1).astype(float)
-            s = np.bincount(bins[at], weights=labels[at], minlength=len(edges) - 1)
+            n = np.bincount(bins[at], weights=weights[at], minlength=len(edges) - 1)
+            s = np.bincount(bins[at], weights=labels[at] * weights[at], minlength=len(edges) - 1)
             mean = s.sum() / n.sum() if n.sum() else (table[-1][0] if table else 0.0)
             rates = (s + PRIOR_COUNT * mean) / (n + PRIOR_COUNT)
             table.append(tuple(float(r) for r in _isotonic(rates, n + PRIOR_COUNT)))

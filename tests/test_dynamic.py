@@ -155,8 +155,9 @@ def test_shaped_greedy_decoding_is_lossless(recurrent, tiny_target, prompt):
 def test_shapes_vary_and_measurement_labels_every_slot(small_draft, table_target):
     proposer = small_draft.proposer(shaper=SHAPER)
     m = measure(table_target, proposer, [torch.tensor(PROMPT)], BUDGET, SamplingConfig(1.0), max_new_tokens=12)
-    depths, features, labels = m.slots()
+    depths, features, labels, weights = m.slots()
     assert len(labels) and np.all((labels >= 0) & (labels <= 1)) and 0 < len(m.predicted) <= m.steps
+    assert np.all(weights[depths == 1] == 1) and np.all(weights <= 1)
     assert len(set(map(tuple, (np.round(v[:3], 3) for v in m.sorted_values)))) > 1  # the values vary per step
     cal = fit(m, "stochastic", max_depth=3)
     assert cal.depths == 3 and reliability(cal, m)
@@ -166,8 +167,12 @@ def test_greedy_slot_labels_are_argmax_matches():
     tree = Tree((-1, 0, 0))
     logits = torch.zeros(3, 5)
     logits[0, 4] = 1.0
-    labels = slot_labels(tree, Draft(torch.tensor([0, 4, 2])), logits, SamplingConfig())
-    assert np.isnan(labels[0]) and labels[1:].tolist() == [1.0, 0.0]
+    tree = Tree((-1, 0, 0, 1, 2))
+    logits = torch.zeros(5, 5)
+    logits[0, 4] = 1.0
+    labels, weights = slot_labels(tree, Draft(torch.tensor([0, 4, 2, 1, 1])), logits, SamplingConfig())
+    assert np.isnan(labels[0]) and labels[1:].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert weights.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # node 4's parent (token 2) is never reached
 
 
 def test_stochastic_labels_sum_to_the_dp_acceptance():
@@ -175,7 +180,7 @@ def test_stochastic_labels_sum_to_the_dp_acceptance():
     tree = Tree((-1, 0, 0))
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0] * 3, [0.0] * 3])
     q = torch.tensor([[0.2, 0.3, 0.5], [1 / 3] * 3, [1 / 3] * 3])
-    labels = slot_labels(tree, Draft(torch.tensor([0, 2, 1]), q), logits, SamplingConfig(1.0))
+    labels, _ = slot_labels(tree, Draft(torch.tensor([0, 2, 1]), q), logits, SamplingConfig(1.0))
     p = logits_to_probs(logits[0], SamplingConfig(1.0))
     assert abs(labels[1] - min(1.0, float(p[2] / q[0, 2]))) < 1e-6 and labels[1:].sum() <= 1 + 1e-9
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import sequoia
-from sequoia_cli import acceptance, bench, draft, generate, optimize, profile, simulate, tree
+from sequoia_cli import acceptance, bench, draft, generate, optimize, profile, serve, simulate, tree
 
 app = typer.Typer(
     name="sequoia",
@@ -20,6 +20,7 @@ app.command("optimize")(optimize.optimize)
 app.command("acceptance")(acceptance.acceptance)
 app.command("bench")(bench.bench)
 app.command("generate")(generate.generate)
+app.command("serve")(serve.serve)
 app.add_typer(draft.app, name="draft")
 app.add_typer(simulate.app, name="simulate")
 

@@ -63,7 +63,7 @@ from sequoia.tree import Tree
 FORMAT = "sequoia-calibration/1"
 MODES = ("greedy", "stochastic")
 EDGES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-PRIOR_COUNT = 4.0  # pseudo-observations pulling a sparse bin toward its depth's mean
+PRIOR_COUNT = 2.0  # pseudo-observations pulling a sparse bin toward the draft's own confidence
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,10 @@ class Calibration:
         weights: np.ndarray | None = None,  # [m] each slot's weight (P(its parent is reached))
     ) -> Calibration:
         """Weighted bin rates per depth (deeper depths pooled into ``max_depth``), pulled
-        toward the depth's mean with ``PRIOR_COUNT`` pseudo-samples and made monotone in the
-        feature (weighted pool-adjacent-violators)."""
+        toward the bin's midpoint (the draft taken at its word) with ``PRIOR_COUNT``
+        pseudo-samples, and made monotone in the feature (weighted pool-adjacent-violators).
+        Confident bins hold few slots (most slots are low-ranked candidates); a prior at the
+        depth's mean pulled them far down (2026-12-06 in docs/experiments.md)."""
         weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=float)
         bins = np.clip(np.searchsorted(np.asarray(edges[1:-1]), features, side="right"), 0, len(edges) - 2)
         d = np.clip(depths, 1, max_depth) - 1
@@ -125,8 +127,8 @@ class Calibration:
             at = d == depth
             n = np.bincount(bins[at], weights=weights[at], minlength=len(edges) - 1)
             s = np.bincount(bins[at], weights=labels[at] * weights[at], minlength=len(edges) - 1)
-            mean = s.sum() / n.sum() if n.sum() else (table[-1][0] if table else 0.0)
-            rates = (s + PRIOR_COUNT * mean) / (n + PRIOR_COUNT)
+            mids = (np.asarray(edges[:-1]) + np.asarray(edges[1:])) / 2
+            rates = (s + PRIOR_COUNT * mids) / (n + PRIOR_COUNT)
             table.append(tuple(float(r) for r in _isotonic(rates, n + PRIOR_COUNT)))
             counts.append(tuple(float(c) for c in n))
         return cls(mode, tuple(edges), tuple(table), tuple(counts), meta or {})

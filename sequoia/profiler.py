@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from sequoia.errors import ConfigError
+from sequoia import kernels
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.models import dtype_name
 from sequoia.prepack import PackedLinear
@@ -226,6 +227,7 @@ def describe_device(model: PreTrainedModel) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "prepacked_linears": sum(isinstance(m, PackedLinear) for m in model.modules()),
+        "kernels": kernels.describe(model),
         "platform": platform.platform(),
     }
 

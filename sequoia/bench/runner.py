@@ -28,7 +28,7 @@ from sequoia.errors import ConfigError
 from sequoia.bench.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
 from sequoia.models import DEFAULT_MODEL, load_model
 from sequoia.optimizer import choose
-from sequoia.prepack import prepacked_copy
+from sequoia.kernels import fast_copy
 from sequoia.profile import Profile
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.sampling import SamplingConfig
@@ -76,7 +76,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     fixed_tree = Tree.load(config.tree) if config.tree else None
     targets = {d: load_model(config.target, dtype=d, device=config.device, prepack=False) for d in config.dtypes}
     main = targets[config.engine_dtype]
-    engine_main = replace(main, model=prepacked_copy(main.model))
+    engine_main = replace(main, model=fast_copy(main.model))
     if profile.model != main.name:
         raise ConfigError(f"{config.profile} profiles {profile.model!r}, not the target {main.name!r}")
     prompt_set = load_prompts(config.prompts, config.limit)
@@ -100,7 +100,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     notes = []
     if engine_main.model is not main.model:
         notes.append("the engine (`engine, no draft` and the tree rows) runs the target with its linear weights "
-                     "packed once for oneDNN (sequoia.prepack: same logits, less time per forward); `generate` "
+                     "packed once or on the kernels measured fastest here (sequoia.prepack, sequoia.kernels); `generate` "
                      "and the HF peers run the model as Hugging Face loads it")
     if assistant is None:
         notes.append(f"hf-assisted not run: the draft {config.draft!r} is not a causal LM (assisted generation "

@@ -37,7 +37,6 @@ from sequoia.drafts.heads import HeadsProposer, last_hidden
 from sequoia.dynamic import TreeShaper
 from sequoia.drafts.trained import NO_TOKEN, DraftConfig, ReducedVocab, TrainedDraft, shift_right
 from sequoia.prepack import packed
-from sequoia.tree import Tree
 
 FUSE_INIT_SCALE = 0.1  # the fused input starts small next to the target state it is added to
 

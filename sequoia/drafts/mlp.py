@@ -31,7 +31,6 @@ from torch import nn
 from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.heads import HeadsProposer, last_hidden
 from sequoia.drafts.trained import DraftConfig, ReducedVocab, TrainedDraft, shift_right
-from sequoia.tree import Tree
 
 
 class MLPSpeculator(TrainedDraft):

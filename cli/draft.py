@@ -81,11 +81,15 @@ def train(
     fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoint in the work directory."),
     context_mix: int = typer.Option(MAX_NGRAM, "--context-mix", help="Longest context n-gram mixed into the candidates (0: none)."),
     mix_loss: bool = typer.Option(False, "--mix-loss", help="Train through the context mix, learning its weights alongside."),
+    recurrent: bool = typer.Option(False, "--recurrent", help="Chimera: the last head serves every deeper level (any tree depth)."),
+    levels: int = typer.Option(0, "--levels", help="Levels unrolled per training step [default: --heads]; more with --recurrent."),
+    init_from: str = typer.Option("", "--init-from", help="Fine-tune: start from this draft's weights and vocabulary."),
+    sequences: list[int] = typer.Option(None, "--sequences", help="Train on each store's first N sequences only (once for all, or once per --data)."),
 ) -> None:
     """Train a draft on the target's own hidden states (resumes from the work directory)."""
     settings = TrainSettings(
         kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes,
-        context_mix=context_mix, mix_loss=mix_loss,
+        context_mix=context_mix, mix_loss=mix_loss, recurrent=recurrent, levels=levels, init_from=init_from,
     )
     stores = open_training_data(data)
     work = work or out.with_name(out.name + ".work")
@@ -94,7 +98,7 @@ def train(
     with console.status(f"loading {target}"):
         loaded = load_model(target, dtype=dtype, device=device, threads=threads)
     with progress_bar("training") as update:
-        card = train_from_store(loaded, stores, out, work, settings, eos_token_ids(loaded.model, loaded.tokenizer), held_out_tokens, update)
+        card = train_from_store(loaded, stores, out, work, settings, eos_token_ids(loaded.model, loaded.tokenizer), held_out_tokens, update, sequences or None)
     _show_card(card)
     t = card["training"]
     console.print(f"wrote {out} ({t['steps']} steps, {t['minutes']} min, {t['data_positions']:,} training positions)")

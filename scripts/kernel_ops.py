@@ -53,7 +53,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from sequoia import calibration, kernels  # noqa: E402
+from sequoia import kernel_tuning, kernels  # noqa: E402
 from sequoia.forward import keep_path, tree_forward  # noqa: E402
 from sequoia.models import load_model  # noqa: E402
 from sequoia.prepack import prepack_linears  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
             prepack_linears(fast)
             kernels.apply_kernels(fast, force=None if variant == "fast" else variant.removeprefix("force-"))
             models[variant] = fast
-    print(f"# {calibration._cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, isa={ARGS.isa}, "
+    print(f"# {kernel_tuning._cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, isa={ARGS.isa}, "
           f"{ARGS.dtype}, {ARGS.threads} threads, prefix {ARGS.prefix}, repeats {ARGS.repeats}, "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     for variant, model in models.items():

@@ -200,6 +200,7 @@ class Engine:
             # 1. grow tree with draft
             with self.timer.section("draft"):
                 draft = self.proposer.propose(ctx, tree)
+                tree = self._drafted(draft, tree)
             # 2. one target forward with tree mask
             with self.timer.section("target"):
                 logits, hidden = self._score(draft.tokens, tree, prefix_len)
@@ -231,6 +232,13 @@ class Engine:
             last = self.tree.levels[room - 1][-1]
             self._trees[room] = Tree(self.tree.parents[: last + 1], self.tree.meta)
         return self._trees[room]
+
+    def _drafted(self, draft: Draft, budget: Tree) -> Tree:
+        """The tree the draft filled: the engine's, or a per-step tree within its size and depth."""
+        if draft.tree is None:
+            return budget
+        assert draft.tree.size <= budget.size and draft.tree.depth <= budget.depth, "a per-step tree over budget"
+        return draft.tree
 
     def _score(
         self, tokens: torch.Tensor, tree: Tree, prefix_len: int

@@ -91,3 +91,26 @@ def dsi_heatmap_png(g: Grid) -> bytes:
     figure.suptitle(f"Simulated speed-ups, SP degree {g.sp_degree}, best lookahead in "
                     f"{min(g.lookaheads)}..{max(g.lookaheads)} per algorithm")
     return _png(figure, dpi=110)
+
+
+def calibration_png(reliability: dict[str, list[dict]]) -> bytes:
+    """Predicted vs measured acceptance per confidence bin (:func:`sequoia.calibration.reliability`),
+    one line per run, the diagonal for reference; marker area grows with the bin's slots."""
+    figure = Figure(figsize=(6.5, 5.5))
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for label, rows in reliability.items():
+        x = [r["predicted"] for r in rows]
+        y = [r["measured"] for r in rows]
+        size = [10 + 90 * np.sqrt(r["slots"] / max(max(q["slots"] for q in rows), 1)) for r in rows]
+        line = ax.plot(x, y, linewidth=1, label=label)[0]
+        ax.scatter(x, y, s=size, color=line.get_color(), alpha=0.7)
+    ax.set_xlabel("predicted acceptance of a slot (calibrated draft confidence)")
+    ax.set_ylabel("measured acceptance (held-out prompts)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("per-step trees: calibration on held-out prompts", fontsize=10)
+    figure.tight_layout()
+    return _png(figure, dpi=110)

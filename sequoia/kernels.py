@@ -5,12 +5,12 @@ kernel does that fastest depends on the CPU, not on the model: on an AMD EPYC (Z
 AVX2-only Zen 3) MKL's float32 GEMM, which ``F.linear`` calls, costs 2-5x more for 2-16 rows
 than for one (SmolLM2's 49,152 x 576 output layer: ~12 ms for 1 row, 30-70 ms for 2-16), while
 oneDNN from a weight packed once stays near the 1-row cost; on an Intel Xeon MKL is fine.
-So nothing here is assumed: :func:`~sequoia.calibration.calibrate` times the candidate kernels on the model's own
+So nothing here is assumed: :func:`~sequoia.kernel_tuning.calibrate` times the candidate kernels on the model's own
 layers for each row count, and :class:`FastLinear` runs, for each call, the kernel that won for
 its row count. The choice is cached per device (``device_key``: CPU model, the ISA torch
 dispatches to, the environment settings that cap it, threads, torch, dtype, shapes) under
 :func:`sequoia.models.cache_dir`, so only the first load on a device pays for it
-(:mod:`sequoia.calibration`).
+(:mod:`sequoia.kernel_tuning`).
 
 Candidate kernels (``y = x W^T + b``; weights unchanged, float32 stays float32):
 
@@ -41,7 +41,7 @@ from torch import nn
 from sequoia.prepack import can_prepack, prepack_linears
 
 if TYPE_CHECKING:
-    from sequoia.calibration import Calibration
+    from sequoia.kernel_tuning import Calibration
 
 KERNELS = ("plain", "onednn", "mkl", "wxt")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # a call with r rows uses the first bucket >= r (else the last)
@@ -178,11 +178,11 @@ def apply_kernels(model: nn.Module, calibration: Calibration | None = None, forc
     under :data:`MIN_BYTES` of such weights, or not wholly on the CPU, are left alone unless a
     ``calibration`` or ``force`` is given.
 
-    ``calibration`` defaults to :func:`sequoia.calibration.calibrate` (cached per device);
+    ``calibration`` defaults to :func:`sequoia.kernel_tuning.calibrate` (cached per device);
     ``force`` names one kernel for every shape and bucket instead (tests, A/B runs). Shared modules (a tied or
     reused layer) are swapped once. The choice is recorded on the model (:func:`describe`).
     """
-    from sequoia.calibration import Calibration, calibrate, device_key, key_hash  # it imports this module
+    from sequoia.kernel_tuning import Calibration, calibrate, device_key, key_hash  # it imports this module
 
     groups = linear_groups(model)
     if not groups or (force is None and calibration is None and not _worth_it(model, groups)):
@@ -223,7 +223,7 @@ def fast_copy(model: nn.Module) -> nn.Module:
         type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
         for m in model.modules()
     )
-    from sequoia.calibration import calibrate  # it imports this module
+    from sequoia.kernel_tuning import calibrate  # it imports this module
 
     groups = linear_groups(model)
     calibration = calibrate(model) if groups and _worth_it(model, groups) else None

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from sequoia import calibration, kernels
+from sequoia import kernel_tuning, kernels
 from sequoia.drafts import NgramProposer
 from sequoia.engine import Engine
 from sequoia.files import read_json, write_json_atomic
 from sequoia.forward import cache_kwargs, tree_forward
-from sequoia.calibration import Calibration, calibrate
+from sequoia.kernel_tuning import Calibration, calibrate
 from sequoia.kernels import ROW_BUCKETS, FastLinear, apply_kernels, bucket, describe
 from sequoia.models import tiny_llama
 from sequoia.profiler import representative_tree
@@ -106,14 +106,14 @@ def test_greedy_tree_decoding_matches_plain_decoding_with_the_same_kernels(plan)
 
 def test_calibration_is_cached_and_keyed_by_device(cache, monkeypatch):
     model = _model()
-    monkeypatch.setattr(calibration, "_cpu_model", lambda: "CPU A")
+    monkeypatch.setattr(kernel_tuning, "_cpu_model", lambda: "CPU A")
     first = calibrate(model, repeats=1)
     assert first.source == "measured" and set(first.plans) == {"64x64", "32x64", "128x64", "64x128", "96x64"}
     assert all(len(p) == len(ROW_BUCKETS) for p in first.plans.values())
     again = calibrate(model, repeats=1)
     assert again.source == "cached" and again.plans == first.plans and again.key == first.key
     assert len(list(cache.iterdir())) == 1
-    monkeypatch.setattr(calibration, "_cpu_model", lambda: "CPU B")  # another device measures its own
+    monkeypatch.setattr(kernel_tuning, "_cpu_model", lambda: "CPU B")  # another device measures its own
     other = calibrate(model, repeats=1)
     assert other.source == "measured" and other.key["cpu_model"] == "CPU B"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # so does the same CPU with its ISA capped
@@ -125,7 +125,7 @@ def test_cached_choice_is_what_gets_applied(cache, monkeypatch):
     model = _model()
     measured = calibrate(model, repeats=1)
     forged = dict(measured.plans, **{"96x64": MIXED})  # pretend this device preferred MIXED for lm_head
-    path = calibration.cache_path(measured.key)
+    path = kernel_tuning.cache_path(measured.key)
     data = read_json(path)
     data["plans"]["96x64"] = list(MIXED)
     write_json_atomic(path, data)
@@ -142,7 +142,7 @@ def test_cached_choice_is_what_gets_applied(cache, monkeypatch):
 def test_corrupt_cache_file_is_measured_again(cache):
     model = _model()
     first = calibrate(model, repeats=1)
-    calibration.cache_path(first.key).write_text("{not json")
+    kernel_tuning.cache_path(first.key).write_text("{not json")
     assert calibrate(model, repeats=1).source == "measured"
 
 

@@ -22,7 +22,8 @@ VOCAB = 64  # tiny_llama's vocabulary
 
 
 def random_draft(
-    kind: str, target, heads: int = 3, reduced: int = 40, seed: int = 0, ids: list[int] | None = None
+    kind: str, target, heads: int = 3, reduced: int = 40, seed: int = 0, ids: list[int] | None = None,
+    recurrent: bool = False,
 ) -> TrainedDraft:
     """A draft for ``target`` with random (not small) weights, so its candidates depend on
     every input; its reduced vocabulary is ``ids``, else ``reduced`` random ids."""
@@ -31,7 +32,7 @@ def random_draft(
     chosen = torch.randperm(size, generator=gen)[:reduced] if ids is None else torch.tensor(ids, dtype=torch.long)
     cls = draft_kinds()[kind]
     extra = {"attention_heads": 4} if kind == "chimera" else {}
-    model = cls(cls.config_class(target.config.hidden_size, size, heads, **extra), ReducedVocab(chosen, size))
+    model = cls(cls.config_class(target.config.hidden_size, size, heads, recurrent, **extra), ReducedVocab(chosen, size))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
@@ -74,16 +75,18 @@ def expected_children(model: TrainedDraft, ctx: DraftContext, path: list[int], c
     hidden = torch.zeros(len(tokens), model.config.hidden_size)
     hidden[: len(ctx.hidden_states)] = ctx.hidden_states  # the rest is never read at this depth
     with torch.no_grad():
-        logits = model.unroll(tokens[None], hidden[None])[len(path)][0, len(tokens) - 1]
+        logits = model.unroll(tokens[None], hidden[None], max(len(path) + 1, model.config.heads))[len(path)][0, len(tokens) - 1]
     return model.vocab.ids[logits.topk(count).indices].tolist()
 
 
-def check_tree_matches_unroll(model: TrainedDraft, target) -> None:
-    """Every node's children are the top-c of the unroll along the node's path, in BFS order."""
-    tree = Tree.from_children_counts([3, 2, 1, 2, 0, 0, 1])  # depth 3, uneven
+def check_tree_matches_unroll(model: TrainedDraft, target, tree: Tree | None = None, proposer=None) -> None:
+    """Every node's children are the top-c of the unroll along the node's path, in BFS order
+    (the tree the proposer chose, if it shapes its own within ``tree``)."""
+    tree = tree or Tree.from_children_counts([3, 2, 1, 2, 0, 0, 1])  # depth 3, uneven
     ctx = context(target, torch.tensor([5, 9, 2, 33, 17, 4, 60, 8]))
-    proposer = model.proposer()
+    proposer = proposer or model.proposer()
     draft = proposer.propose(ctx, tree)
+    tree = draft.tree or tree
     assert draft.tokens.shape == (tree.size,) and draft.probs is None and int(draft.tokens[0]) == 8
     for node in range(tree.size):
         kids = tree.children[node]
@@ -93,13 +96,14 @@ def check_tree_matches_unroll(model: TrainedDraft, target) -> None:
     assert proposer.propose(ctx, tree).tokens.tolist() == draft.tokens.tolist()  # repeatable
 
 
-def check_greedy_lossless(model: TrainedDraft, target, prompt: list[int], mix=None) -> None:
+def check_greedy_lossless(model: TrainedDraft, target, prompt: list[int], mix=None, shaper=None) -> None:
     """Engine output equals the target's greedy ``generate`` for several tree shapes (the
-    proposer's candidates mixed with the context's n-grams by ``mix`` if given)."""
+    proposer's candidates mixed with the context's n-grams by ``mix`` if given; its trees
+    shaped per step within each by ``shaper`` if given)."""
     ids = torch.tensor([prompt])
     expected = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20, pad_token_id=0)
     for tree in (Tree((-1, 0, 1, 2)), Tree.from_children_counts([3, 2, 2, 1, 1, 1]), Tree((-1, 0, 0))):
-        engine = Engine(target, model.proposer(mix), tree)
+        engine = Engine(target, model.proposer(mix, shaper), tree)
         tokens = [t for step in engine.generate(torch.tensor(prompt), 20) for t in step.tokens]
         assert tokens == expected[0, len(prompt) :].tolist()
 

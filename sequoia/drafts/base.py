@@ -8,6 +8,9 @@ Rules a proposal must follow (verification relies on them):
 
 * ``tokens[0]`` is the root, i.e. ``ctx.tokens[-1]``; children fill the tree in BFS order,
   each node's children in rank order;
+* the tree is the engine's, or one the proposer chose (``Draft.tree``) of at most its size and
+  depth; its shape may depend on the draft alone, never on the target (stochastic mode: see
+  :mod:`sequoia.dynamic` for what else it must not read);
 * greedy (``ctx.sampling.greedy``): any deterministic choice, best first (an LM's top-c);
 * stochastic with ``probs``: the children of node ``i`` are draws from ``probs[i]``, without
   replacement unless ``ctx.with_replacement``; ``probs`` is ``None`` for a deterministic
@@ -66,10 +69,14 @@ class Draft:
     tokens: torch.Tensor  # [n] int64, BFS order, tokens[0] = root
     # q at each node (its children's distribution); rows of childless nodes are unused.
     probs: torch.Tensor | None = None  # [n, vocab] float32; None = deterministic draft
+    # The tree the draft chose this step (per-step trees, sequoia.dynamic): at most the
+    # engine's tree's size and depth; None = the engine's tree.
+    tree: Tree | None = None
 
     def __post_init__(self) -> None:
         assert self.tokens.ndim == 1 and self.tokens.dtype == torch.long
         assert self.probs is None or (self.probs.ndim == 2 and self.probs.shape[0] == len(self.tokens))
+        assert self.tree is None or self.tree.size == len(self.tokens)
 
 
 @runtime_checkable

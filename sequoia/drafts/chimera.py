@@ -10,7 +10,10 @@ Three parts, as in the paper:
   the identity (zero output projections), which trains far better than copying a target layer;
 * **residual decoding heads**, one per tree level: ``o = z + MLP(z)`` with ``z`` = encoder
   output + the target's last available hidden state, then one output layer over the reduced
-  vocabulary (started from the target's rows).
+  vocabulary (started from the target's rows). A **recurrent** draft (``recurrent: true`` in
+  its config) reuses its last head for every level past ``heads``, so it fills trees of any
+  depth: deeper levels differ from the last head's only by their input (the fed-back output
+  and path), which is exactly EAGLE's recurrence, and training unrolls ``levels`` of them.
 
 Deeper levels feed predictions forward the way EAGLE does: a tree node has no target state, so
 its input fuses its trigram (path tokens) with its parent's head output ``o``, and it attends
@@ -31,9 +34,9 @@ from torch import nn
 
 from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.heads import HeadsProposer, last_hidden
+from sequoia.dynamic import TreeShaper
 from sequoia.drafts.trained import NO_TOKEN, DraftConfig, ReducedVocab, TrainedDraft, shift_right
 from sequoia.prepack import packed
-from sequoia.tree import Tree
 
 FUSE_INIT_SCALE = 0.1  # the fused input starts small next to the target state it is added to
 
@@ -143,6 +146,7 @@ class ChimeraDraft(TrainedDraft):
 
     kind = "chimera"
     config_class = ChimeraConfig
+    supports_recurrent = True
 
     def __init__(self, config: ChimeraConfig, vocab: ReducedVocab) -> None:
         super().__init__(config, vocab)
@@ -165,23 +169,30 @@ class ChimeraDraft(TrainedDraft):
         trigram = self.trigram(torch.cat([self.embed(prev2), self.embed(prev1), self.embed(tokens)], dim=-1))
         return self.fuse(torch.cat([trigram, state.to(trigram)], dim=-1))
 
-    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def head(self, level: int) -> ResidualHead:
+        """The head of tree level ``level + 1``: a recurrent draft's last head serves every
+        level past its ``heads``."""
+        if level >= self.config.heads and not self.config.recurrent:
+            raise IndexError(f"this draft has {self.config.heads} heads and is not recurrent")
+        return self.heads[min(level, self.config.heads - 1)]
+
+    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor, levels: int | None = None) -> list[torch.Tensor]:
         assert tokens.ndim == 2 and hidden.shape[:2] == tokens.shape
         prev1, prev2 = _shift_tokens(tokens, 1), _shift_tokens(tokens, 2)
         hidden = hidden.to(self.out.weight)
         state, keys, values, states = hidden, [], [], []
-        for level in range(self.config.heads):
+        for level in range(levels or self.config.heads):
             x = self.encoder_input(prev2, prev1, tokens, shift_right(state))
             q, k, v = self.encoder.project(x)
             keys.append(k)
             values.append(v)
             c = self.encoder.finish(x, unrolled_attend(q, keys, values))
-            state = self.heads[level](c + shift_right(hidden, level + 1))
+            state = self.head(level)(c + shift_right(hidden, level + 1))
             states.append(state)
         return states
 
-    def proposer(self, mix: ContextMix | None = None) -> ChimeraProposer:
-        return ChimeraProposer(self, mix)
+    def proposer(self, mix: ContextMix | None = None, shaper: TreeShaper | None = None) -> ChimeraProposer:
+        return ChimeraProposer(self, mix, shaper)
 
 
 @torch.no_grad()
@@ -212,8 +223,8 @@ class ChimeraProposer(HeadsProposer):
 
     model: ChimeraDraft
 
-    def __init__(self, model: ChimeraDraft, mix: ContextMix | None = None) -> None:
-        super().__init__(model, mix)
+    def __init__(self, model: ChimeraDraft, mix: ContextMix | None = None, shaper: TreeShaper | None = None) -> None:
+        super().__init__(model, mix, shaper)
         self._input = packed(folded_input(model))
 
     def _encoder_input(self, prev2, prev1, tokens, state) -> torch.Tensor:  # as ChimeraDraft.encoder_input
@@ -237,17 +248,17 @@ class ChimeraProposer(HeadsProposer):
             keys[: self._cached], values[: self._cached] = self._keys[: self._cached], self._values[: self._cached]
         self._keys, self._values = keys, values
 
-    def _begin(self, ctx, tree: Tree, tokens: torch.Tensor) -> None:
+    def _begin(self, ctx, capacity: int, tokens: torch.Tensor, parents: torch.Tensor) -> None:
         weight = self.model.out.weight
         self._feed(ctx.tokens.to(weight.device), ctx.hidden_states)
-        n, cached = tree.size, self._cached
+        n, cached = capacity, self._cached
         self._reserve(cached + n - 1, self._keys)
         self._h_last = last_hidden(ctx, self.model.config.hidden_size, weight)
-        self._tokens = tokens
-        self._allowed = torch.ones(n, cached + n - 1, dtype=torch.bool, device=weight.device)
-        self._allowed[:, cached:] = tree.ancestor_mask[:, 1:].to(weight.device)
-        self._parents = torch.as_tensor(tree.parents, device=weight.device)
-        self._ends = [cached + nodes[-1] for nodes in tree.levels]
+        self._tokens, self._parents = tokens, parents
+        # row i: the keys node i attends to -- the context, then its tree ancestors and itself
+        # (filled from the parent's row when node i is expanded)
+        self._allowed = torch.zeros(n, cached + n - 1, dtype=torch.bool, device=weight.device)
+        self._allowed[:, :cached] = True
         self._states = torch.zeros(n, self.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
         self._prev1 = torch.full((n,), NO_TOKEN, dtype=torch.long, device=weight.device)
         if len(ctx.tokens) > 1:
@@ -275,7 +286,7 @@ class ChimeraProposer(HeadsProposer):
         out = self.model.encoder.finish(x, attend(q, self._keys[:length], self._values[:length], allowed))
         self._cached, self._root_out = length, out[-1]
 
-    def _level(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
+    def _level(self, level: int, nodes: torch.Tensor, last: int) -> torch.Tensor:
         if level == 0:
             out = self._root_out.expand(len(nodes), -1)
         else:
@@ -284,10 +295,12 @@ class ChimeraProposer(HeadsProposer):
             x = self._encoder_input(self._prev1[parents], prev1, self._tokens[nodes], self._states[parents])
             self._prev1[nodes] = prev1
             rows = self._cached - 1 + nodes
+            self._allowed[nodes] = self._allowed[parents]
+            self._allowed[nodes, rows] = True
             q, self._keys[rows], self._values[rows] = self.model.encoder.project(x)
-            end = self._ends[level]  # keys up to the level's last node, known without a sync
+            end = self._cached + last  # keys up to the level's last node, known without a sync
             attended = attend(q, self._keys[:end], self._values[:end], self._allowed[nodes, :end])
             out = self.model.encoder.finish(x, attended)
-        states = self.model.heads[level](out + self._h_last)
+        states = self.model.head(level)(out + self._h_last)
         self._states[nodes] = states
         return self.model.out(states)

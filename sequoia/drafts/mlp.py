@@ -31,7 +31,6 @@ from torch import nn
 from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.heads import HeadsProposer, last_hidden
 from sequoia.drafts.trained import DraftConfig, ReducedVocab, TrainedDraft, shift_right
-from sequoia.tree import Tree
 
 
 class MLPSpeculator(TrainedDraft):
@@ -63,15 +62,16 @@ class MLPSpeculator(TrainedDraft):
         mixed = mixed + self.token_weight * self.token_proj[level](self.embed(tokens))
         return F.gelu(self.norms[level](mixed))
 
-    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor, levels: int | None = None) -> list[torch.Tensor]:
         assert tokens.ndim == 2 and hidden.shape[:2] == tokens.shape
+        assert levels in (None, self.config.heads), "the MLP speculator has one head per level"
         states = [hidden]
         for level in range(self.config.heads):
             states.append(self.step(level, shift_right(states[-1]), tokens))
         return states[1:]
 
-    def proposer(self, mix: ContextMix | None = None) -> MLPProposer:
-        return MLPProposer(self, mix)
+    def proposer(self, mix: ContextMix | None = None, shaper=None) -> MLPProposer:
+        return MLPProposer(self, mix, shaper)
 
 
 class MLPProposer(HeadsProposer):
@@ -79,14 +79,13 @@ class MLPProposer(HeadsProposer):
 
     model: MLPSpeculator
 
-    def _begin(self, ctx, tree: Tree, tokens: torch.Tensor) -> None:
+    def _begin(self, ctx, capacity: int, tokens: torch.Tensor, parents: torch.Tensor) -> None:
         weight = self.model.out.weight
-        self._tokens = tokens
-        self._parents = torch.as_tensor(tree.parents, device=weight.device)
-        self._states = torch.zeros(tree.size, self.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        self._tokens, self._parents = tokens, parents
+        self._states = torch.zeros(capacity, self.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
         self._root_state = last_hidden(ctx, self.model.config.hidden_size, weight)
 
-    def _level(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
+    def _level(self, level: int, nodes: torch.Tensor, last: int) -> torch.Tensor:
         if level == 0:
             state = self._root_state.expand(len(nodes), -1)
         else:

@@ -65,11 +65,12 @@ def load_draft(spec: str | os.PathLike, target=None) -> TrainedDraft:
     return model.eval()
 
 
-def load_trained_proposer(spec: str | os.PathLike, target, context_mix: bool = True):
+def load_trained_proposer(spec: str | os.PathLike, target, context_mix: bool = True, shaper=None):
     """The proposer of a trained draft for ``target`` (a ``PreTrainedModel``), on the target's
     device, in bfloat16 where that device computes it (else the target's dtype), with its
     linear weights packed once where that helps (:mod:`sequoia.prepack`), and its card's
-    context mix (:mod:`sequoia.drafts.context_mix`) unless ``context_mix`` is false."""
+    context mix (:mod:`sequoia.drafts.context_mix`) unless ``context_mix`` is false, and
+    per-step trees with ``shaper`` (a :class:`~sequoia.dynamic.TreeShaper`)."""
     weight = target.get_input_embeddings().weight
     try:
         check_dtype_runs(torch.bfloat16, weight.device)
@@ -78,7 +79,7 @@ def load_trained_proposer(spec: str | os.PathLike, target, context_mix: bool = T
         dtype = weight.dtype
     model = load_draft(spec, target).to(weight.device, dtype)
     prepack_linears(model)
-    return model.proposer(load_context_mix(spec) if context_mix else None)
+    return model.proposer(load_context_mix(spec) if context_mix else None, shaper)
 
 
 def load_context_mix(spec: str | os.PathLike) -> ContextMix | None:

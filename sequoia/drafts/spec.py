@@ -10,7 +10,8 @@ edge and pass it down::
 
 Kinds: ``none`` (plain decoding), ``ngram`` (prompt lookup), ``early-exit`` (the target's first
 N layers, ``early-exit:N``), ``trained`` (a packaged name or a ``sequoia draft train``
-directory) and ``lm`` (any other model spec, a causal LM sharing the target's tokenizer).
+directory; ``NAME:per-step`` shapes its tree every step with the calibration in its card,
+:mod:`sequoia.dynamic`) and ``lm`` (any other model spec, a causal LM sharing the target's tokenizer).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sequoia.errors import FileFormatError
 from sequoia.optimizer import DraftLimits
 
 KINDS = ("none", "ngram", "early-exit", "trained", "lm")
+PER_STEP = ":per-step"  # suffix of a trained draft's spec: per-step trees (sequoia.dynamic)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class DraftSpec:
     directory: Path | None = None  # a trained draft's directory
     card: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # its card
     limits: DraftLimits = field(default_factory=DraftLimits)
+    per_step: bool = False  # a trained draft shaping its tree every step
 
     def __str__(self) -> str:
         return self.name
@@ -56,11 +59,18 @@ class DraftSpec:
             return cls(name, name)
         if parse_spec(name) is not None:
             return cls(name, "early-exit")
-        directory = draft_dir(name)
+        per_step = name.endswith(PER_STEP)
+        directory = draft_dir(name.removesuffix(PER_STEP))
         if directory is None:
+            if per_step:
+                raise FileFormatError(f"{name}: {PER_STEP} follows a trained draft's name or directory")
             return cls(name, "lm")
         card = read_card(directory)
-        return cls(name, "trained", directory, card, _card_limits(card, directory / CARD))
+        if per_step and "per_step_trees" not in card:
+            raise FileFormatError(
+                f"{directory / CARD} has no per-step tree calibration; measure one with scripts/per_step_trees.py"
+            )
+        return cls(name, "trained", directory, card, _card_limits(card, directory / CARD), per_step)
 
     def proposer(self, target, dtype: str = "float32", device: str = "cpu") -> Proposer:
         """The proposer for ``target`` (a :class:`~sequoia.models.LoadedModel`): a trained draft
@@ -73,7 +83,12 @@ class DraftSpec:
         if self.kind == "trained":
             from sequoia.drafts.registry import load_trained_proposer
 
-            return load_trained_proposer(self.directory, target.model)
+            shaper = None
+            if self.per_step:
+                from sequoia.dynamic import TreeShaper
+
+                shaper = TreeShaper.from_json(self.card["per_step_trees"], str(self.directory / CARD))
+            return load_trained_proposer(self.directory, target.model, shaper=shaper)
         return LMProposer(self.causal_lm(target, dtype, device))
 
     def causal_lm(self, target, dtype: str = "float32", device: str = "cpu"):
@@ -92,7 +107,7 @@ class DraftSpec:
 
 
 def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
-    """A trained draft's depth limit (its heads) and measured cost per level (its card's
+    """A trained draft's depth limit (its heads; none if recurrent) and measured cost per level (its card's
     evaluation)."""
     config = DraftConfig.from_json(card.get("config"), str(where))
     costs = (card.get("evaluation") or {}).get("cost_ms_per_level") or {}
@@ -100,4 +115,4 @@ def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
         level_ms = {int(w): float(ms) for w, ms in costs.items()}
     except (AttributeError, TypeError, ValueError):
         raise FileFormatError(f"{where}: 'cost_ms_per_level' must map widths to milliseconds") from None
-    return DraftLimits(config.heads, level_ms)
+    return DraftLimits(config.max_depth, level_ms)

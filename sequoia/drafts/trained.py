@@ -84,7 +84,13 @@ class DraftConfig:
 
     hidden_size: int  # the target's width
     vocab_size: int  # the target's full vocabulary
-    heads: int  # tree levels the draft predicts = its maximum tree depth
+    heads: int  # tree levels the draft predicts = its maximum tree depth (unless recurrent)
+    recurrent: bool = False  # levels past ``heads`` reuse the last head (kinds that support it)
+
+    @property
+    def max_depth(self) -> int | None:
+        """The deepest tree the draft fills; None: any depth (a recurrent draft)."""
+        return None if self.recurrent else self.heads
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> DraftConfig:
@@ -92,7 +98,7 @@ class DraftConfig:
         if not isinstance(data, dict) or not names >= {"hidden_size", "vocab_size", "heads"}:
             raise FileFormatError(f"{where} has no valid 'config' (hidden_size, vocab_size, heads)")
         try:
-            config = cls(**{k: int(v) for k, v in data.items() if k in names})
+            config = cls(**{k: bool(v) if k == "recurrent" else int(v) for k, v in data.items() if k in names})
         except (TypeError, ValueError) as exc:
             raise FileFormatError(f"{where} has a malformed 'config': {exc}") from None
         if min(config.hidden_size, config.vocab_size, config.heads) < 1:
@@ -109,10 +115,13 @@ class TrainedDraft(nn.Module):
 
     kind: ClassVar[str]
     config_class: ClassVar[type[DraftConfig]] = DraftConfig
+    supports_recurrent: ClassVar[bool] = False  # can reuse its last head for deeper levels
 
     def __init__(self, config: DraftConfig, vocab: ReducedVocab) -> None:
         super().__init__()
         assert vocab.vocab_size == config.vocab_size
+        if config.recurrent and not self.supports_recurrent:
+            raise FileFormatError(f"a {self.kind} draft cannot be recurrent (only chimera reuses its last head)")
         self.config, self.vocab = config, vocab
         self.out = nn.Linear(config.hidden_size, vocab.size, bias=False)
         self._embedding: torch.Tensor | None = None  # [vocab, hidden] the target's, never saved
@@ -137,9 +146,10 @@ class TrainedDraft(nn.Module):
         return rows * present.to(rows)[..., None]
 
     # ------------------------------------------------------------------ per kind
-    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def unroll_states(self, tokens: torch.Tensor, hidden: torch.Tensor, levels: int | None = None) -> list[torch.Tensor]:
         """Teacher-forced output-layer inputs of every level: ``[B, T] tokens, [B, T, hidden]
-        -> heads x [B, T, hidden]``.
+        -> levels x [B, T, hidden]`` (``levels`` past ``heads`` only for a recurrent draft;
+        default ``heads``).
 
         Entry ``k`` (0-based) at position ``i`` scores token ``i + 1`` for a tree rooted at
         position ``i - k`` whose path follows the sequence; the target's hidden states are
@@ -148,13 +158,14 @@ class TrainedDraft(nn.Module):
         """
         raise NotImplementedError
 
-    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`unroll_states` through the output layer: ``heads x [B, T, r]`` logits."""
-        return [self.out(state) for state in self.unroll_states(tokens, hidden)]
+    def unroll(self, tokens: torch.Tensor, hidden: torch.Tensor, levels: int | None = None) -> list[torch.Tensor]:
+        """:meth:`unroll_states` through the output layer: ``levels x [B, T, r]`` logits."""
+        return [self.out(state) for state in self.unroll_states(tokens, hidden, levels)]
 
-    def proposer(self, mix=None):
+    def proposer(self, mix=None, shaper=None):
         """The :class:`~sequoia.drafts.base.Proposer` that grows trees with this model, its
-        candidates mixed with the context's n-grams by ``mix`` (a ``ContextMix``) if given."""
+        candidates mixed with the context's n-grams by ``mix`` (a ``ContextMix``) if given,
+        its tree shaped per step by ``shaper`` (a :class:`~sequoia.dynamic.TreeShaper`) if given."""
         raise NotImplementedError
 
 

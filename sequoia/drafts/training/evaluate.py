@@ -56,16 +56,18 @@ class LevelAgreement:
 
 @torch.no_grad()
 def agreement(
-    model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096, mix: ContextMix | None = None
+    model: TrainedDraft, features: FeatureSet, max_tokens: int = 4096, mix: ContextMix | None = None,
+    levels: int | None = None,
 ) -> list[LevelAgreement]:
     """Held-out greedy agreement of every level of ``model`` (see the module docstring), of its
-    candidates mixed with the context's n-grams by ``mix`` when given, as the proposer does."""
-    levels = model.config.heads
+    candidates mixed with the context's n-grams by ``mix`` when given, as the proposer does;
+    ``levels`` past ``heads`` for a recurrent draft."""
+    levels = levels or model.config.heads
     hits = torch.zeros(levels, len(TOP) + 1, dtype=torch.long)  # top-1, top-4, covered
     counts = torch.zeros(levels, dtype=torch.long)
     ids, index = model.vocab.ids.to(model.out.weight.device), model.vocab.index.to(model.out.weight.device)
     lookup = None if mix is None else mix.lookup
-    for level, logits, target, parts in scored_positions(model, features, lookup, mix.max_ngram if mix else 0, max_tokens):
+    for level, logits, target, parts in scored_positions(model, features, lookup, mix.max_ngram if mix else 0, max_tokens, levels):
         if mix is None:
             best = ids[logits.topk(max(TOP), dim=-1).indices]  # [m, 4] full ids
         else:
@@ -85,6 +87,7 @@ def scored_positions(
     per_position: Callable[[NgramIndex, Suffix], T] | None = None,
     max_ngram: int = 0,
     max_tokens: int = 4096,
+    levels: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[T]]]:
     """``(level, logits [m, r], target's greedy tokens [m], per-position values)`` for every
     level and every position decoding meets, teacher-forced along the target's tokens.
@@ -95,7 +98,7 @@ def scored_positions(
     device = model.out.weight.device
     for batch in features.batches(max_tokens):
         batch = batch.to(device)
-        states = model.unroll_states(batch.tokens, batch.hidden)
+        states = model.unroll_states(batch.tokens, batch.hidden, levels)
         masks = torch.stack([batch.mask(level, generated_only=True) for level in range(len(states))])  # [L, B, T]
         values: list[list[T]] = [[] for _ in states]  # per level, in the order tensor[mask] lists them
         if per_position is not None:

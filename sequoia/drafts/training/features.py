@@ -247,11 +247,16 @@ class FeatureCache:
             raise ConfigError(f"{self.root} holds features of another target or dtype ({read_json(path)}); use another --work directory")
         write_json_atomic(path, meta)
 
-    def train(self, stores: Sequence[DataStore], progress: Progress | None = None, limit: int | None = None) -> FeatureSet:
+    def train(
+        self, stores: Sequence[DataStore], progress: Progress | None = None, limit: int | Sequence[int] | None = None
+    ) -> FeatureSet:
         """Features of every sequence of ``stores`` (with ``limit``: of each store's first
-        ``limit`` sequences, rounded up to whole cached chunks), in order; chunks already
-        cached are read back."""
-        return FeatureSet.concat([self._store(store, progress, limit) for store in stores])
+        ``limit`` sequences -- one number for all or one per store -- rounded up to whole cached
+        chunks), in order; chunks already cached are read back."""
+        limits = limit if isinstance(limit, Sequence) else [limit] * len(stores)
+        if len(limits) != len(stores):
+            raise ConfigError(f"give one sequence limit per data store ({len(stores)}), or one for all")
+        return FeatureSet.concat([self._store(store, progress, n) for store, n in zip(stores, limits)])
 
     def _store(self, store: DataStore, progress: Progress | None, limit: int | None = None) -> FeatureSet:
         """One store's features, cached in a folder named after the store's directory."""

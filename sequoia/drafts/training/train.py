@@ -71,7 +71,10 @@ class TrainSettings:
     """What a training run does; the fields above ``steps`` fix the run (a resume must match)."""
 
     kind: str = "mlp"
-    heads: int = 4  # tree levels = maximum tree depth
+    heads: int = 4  # tree levels = maximum tree depth (unless recurrent)
+    recurrent: bool = False  # chimera: the last head serves every deeper level (any tree depth)
+    levels: int = 0  # levels unrolled and scored per step; 0: heads (more: a recurrent draft's deeper levels)
+    init_from: str = ""  # start from this saved draft's weights and vocabulary (fine-tuning)
     vocab: int = 8192  # reduced output vocabulary
     batch_tokens: int = 2048  # padded tokens per step
     lr: float = 1e-3
@@ -100,6 +103,10 @@ class TrainSettings:
             raise ConfigError("--steps and --minutes must be positive")
         if self.mix_loss and not self.context_mix:
             raise ConfigError("--mix-loss trains through the context mix; give --context-mix a suffix length")
+        if self.levels and self.levels != self.heads and not self.recurrent:
+            raise ConfigError(f"--levels {self.levels} needs --recurrent (a draft without it has one head per level)")
+        if self.recurrent and self.kind != "chimera":
+            raise ConfigError("--recurrent is for --kind chimera (it reuses the last residual head)")
         if self.precision not in ("bfloat16", "float32"):
             raise ConfigError(f"--precision must be bfloat16 or float32, got {self.precision!r}")
 
@@ -116,6 +123,7 @@ class TrainReport:
     loss: float  # smoothed loss at the end
     agreement: list[LevelAgreement]  # held-out, per level (through the learned mix of a --mix-loss run)
     learned_mix: ContextMix | None = None  # the weights a --mix-loss run learned
+    curve: tuple[dict[str, Any], ...] = ()  # each held-out evaluation: step, minutes, top-1 per level
 
 
 def build_draft(settings: TrainSettings, target, vocab: ReducedVocab) -> TrainedDraft:
@@ -124,9 +132,15 @@ def build_draft(settings: TrainSettings, target, vocab: ReducedVocab) -> Trained
     cls = draft_kinds()[settings.kind]
     extra = {"attention_heads": settings.attention_heads} if settings.kind == "chimera" else {}
     torch.manual_seed(settings.seed)
-    model = cls(cls.config_class(int(embedding.shape[1]), int(embedding.shape[0]), settings.heads, **extra), vocab)
+    config = cls.config_class(int(embedding.shape[1]), int(embedding.shape[0]), settings.heads, settings.recurrent, **extra)
+    model = cls(config, vocab)
     model.attach_target(embedding)
     model.init_output_from(target.get_output_embeddings().weight)
+    if settings.init_from:
+        start = load_draft(settings.init_from, target)
+        if start.kind != settings.kind or start.config.heads != settings.heads or not torch.equal(start.vocab.ids, vocab.ids):
+            raise ConfigError(f"--init-from {settings.init_from} is not a {settings.kind} draft with {settings.heads} heads and this vocabulary")
+        model.load_state_dict(start.state_dict())
     return model
 
 
@@ -136,12 +150,13 @@ def draft_loss(
     teacher: torch.Tensor,
     stage: str,
     mix_weights: torch.Tensor | None = None,
+    levels: int | None = None,
 ) -> torch.Tensor:  # [] mean over levels of the per-level mean loss
     """The loss of one batch (see the module docstring); ``teacher``: [r, hidden] the target's
     output rows for the reduced vocabulary. With ``mix_weights`` (the context mix's ``w_n``)
     the output stage scores the mixed distribution ``q'`` instead of ``q``."""
     assert teacher.ndim == 2 and stage in ("input", "output")
-    states = model.unroll_states(batch.tokens, batch.hidden)
+    states = model.unroll_states(batch.tokens, batch.hidden, levels)
     generated = stage == "output"
     # Every level's positions lie within level 0's: all levels are scored on level 0's rows, in
     # one output product per chunk of rows, and each level's loss weighs in only its own rows.
@@ -188,7 +203,9 @@ def train_draft(
     path = Path(work) / CHECKPOINT
     saved = _load_checkpoint(path, settings) if path.is_file() else None
     full = int(target.get_input_embeddings().weight.shape[0])
-    if saved is None:
+    if saved is None and settings.init_from:
+        vocab = load_draft(settings.init_from, target).vocab
+    elif saved is None:
         vocab = ReducedVocab.most_frequent(train.generated_tokens(), settings.vocab, full, tuple(eos_token_ids))
     else:
         vocab = ReducedVocab(torch.tensor(saved["vocab_ids"], dtype=torch.long), full)
@@ -198,9 +215,12 @@ def train_draft(
     log_mix = None
     if settings.mix_loss:
         log_mix = torch.full((settings.context_mix,), math.log(MIX_INIT), device=device, requires_grad=True)
+        learned = _init_mix(settings)
+        if learned is not None and len(learned.weights) == settings.context_mix:
+            log_mix.data.copy_(torch.tensor(learned.weights).log())
         groups.append({"params": [log_mix], "lr_scale": MIX_LR_SCALE})
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, seconds, loss_avg = 0, 0.0, math.nan
+    step, seconds, loss_avg, curve = 0, 0.0, math.nan, []
     if saved is not None:
         model.load_state_dict(saved["model"])
         if log_mix is not None:
@@ -212,6 +232,7 @@ def train_draft(
             log_mix.data.copy_(saved["log_mix"])
         optimizer.load_state_dict(saved["optimizer"])
         step, seconds, loss_avg = int(saved["step"]), float(saved["seconds"]), float(saved["loss"])
+        curve = list(saved.get("curve", []))
     teacher = target.get_output_embeddings().weight.detach()[vocab.ids].to(device, torch.float32)
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.precision == "bfloat16")
     scores: list[LevelAgreement] = []
@@ -224,7 +245,7 @@ def train_draft(
         stage = "input" if settings.kind == "mlp" and done < settings.input_stage else "output"
         model.train()
         with autocast:
-            loss = draft_loss(model, batch, teacher, stage, None if log_mix is None else log_mix.exp())
+            loss = draft_loss(model, batch, teacher, stage, None if log_mix is None else log_mix.exp(), settings.levels or None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -235,23 +256,35 @@ def train_draft(
         loss_avg = loss_value if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss_value
         finished = _budget_used(settings, step, seconds) >= 1.0
         if step % settings.eval_every == 0 or finished:
-            scores = _evaluate(model, held_out, autocast, log_mix)
+            scores = _evaluate(model, held_out, autocast, log_mix, settings.levels or None)
+            curve.append({"step": step, "minutes": round(seconds / 60, 2), "loss": round(loss_avg, 4),
+                          "top1": [round(a.top1, 4) for a in scores]})
         if step % settings.checkpoint_every == 0 or finished:
-            _save_checkpoint(path, settings, model, optimizer, step, seconds, loss_avg, log_mix)
+            _save_checkpoint(path, settings, model, optimizer, step, seconds, loss_avg, log_mix, curve)
         seconds = start_seconds + time.monotonic() - began  # evaluation and checkpoints count too
         if progress is not None:
             agree = "/".join(f"{a.top1:.0%}" for a in scores) or "-"
             progress(min(int(1000 * _budget_used(settings, step, seconds)), 1000), 1000,
                      f"{stage} step {step} loss {loss_avg:.3f} held-out top-1 {agree}")
-    scores = scores or _evaluate(model, held_out, autocast, log_mix)
-    return model.eval(), TrainReport(step, seconds, loss_avg, scores, _learned_mix(log_mix))
+    scores = scores or _evaluate(model, held_out, autocast, log_mix, settings.levels or None)
+    return model.eval(), TrainReport(step, seconds, loss_avg, scores, _learned_mix(log_mix), tuple(curve))
 
 
-def _evaluate(model: TrainedDraft, held_out: FeatureSet, autocast, log_mix: torch.Tensor | None) -> list[LevelAgreement]:
+def _evaluate(
+    model: TrainedDraft, held_out: FeatureSet, autocast, log_mix: torch.Tensor | None, levels: int | None = None
+) -> list[LevelAgreement]:
     """Held-out agreement of what training optimises: the draft, or the draft through its mix."""
     model.eval()
     with autocast:
-        return agreement(model, held_out, mix=_learned_mix(log_mix))
+        return agreement(model, held_out, mix=_learned_mix(log_mix), levels=levels)
+
+
+def _init_mix(settings: TrainSettings) -> ContextMix | None:
+    """The mix a fine-tuned draft's starting point learned (its card's ``training.learned_mix``)."""
+    if not settings.init_from:
+        return None
+    learned = ((read_card(draft_dir(settings.init_from)) or {}).get("training") or {}).get("learned_mix")
+    return None if not learned else ContextMix(tuple(float(w) for w in learned["weights"]))
 
 
 def _learned_mix(log_mix: torch.Tensor | None) -> ContextMix | None:
@@ -273,8 +306,8 @@ def _learning_rate(settings: TrainSettings, step: int, done: float) -> float:
     return settings.lr * warm * cosine
 
 
-def _save_checkpoint(path: Path, settings, model, optimizer, step: int, seconds: float, loss: float, log_mix) -> None:
-    state = {
+def _save_checkpoint(path: Path, settings, model, optimizer, step: int, seconds: float, loss: float, log_mix, curve=()) -> None:
+    state = {"curve": list(curve),
         "format": CHECKPOINT_FORMAT, "settings": settings.identity(), "vocab_ids": model.vocab.ids.tolist(),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds, "loss": loss,
         **({"log_mix": log_mix.detach().cpu()} if log_mix is not None else {}),
@@ -327,13 +360,14 @@ def train_from_store(
     eos_token_ids: Sequence[int] = (),
     held_out_tokens: int = 128,
     progress: Progress | None = None,
+    sequences: int | Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The whole recipe: target features of the ``data`` stores (their sequences pooled) and of
     the held-out prompts (cached in ``work``), training, the context mix fitted (unless
     ``settings.context_mix`` is 0), then the draft saved to ``out`` with a card recording the
     data, the mix, the held-out agreement per level and the bfloat16 cost per level. Returns the card."""
     cache = FeatureCache(work, loaded)
-    train = cache.train(data, progress)
+    train = cache.train(data, progress, limit=sequences)
     held_out = cache.held_out(max_new_tokens=held_out_tokens)
     device = loaded.device
     model, report = train_draft(settings, train, held_out, loaded.model, work, device, eos_token_ids, progress)
@@ -342,7 +376,7 @@ def train_from_store(
                   "temperature": store.manifest.temperature, "top_p": store.manifest.top_p} for store in data],
         "data_positions": train.generated_positions,
         "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
-        "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device),
+        "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device), "curve": list(report.curve),
         "target_dtype": dtype_name(loaded.dtype),
         **({"learned_mix": report.learned_mix.to_json()} if report.learned_mix is not None else {}),
     }})
@@ -350,7 +384,7 @@ def train_from_store(
     if settings.context_mix:
         mix = fit_mix(model, train, settings.context_mix, settings.seed, out)
         alone = agreement(model, held_out) if settings.mix_loss else report.agreement
-        levels, draft_only = agreement(model, held_out, mix=mix), alone
+        levels, draft_only = agreement(model, held_out, mix=mix, levels=settings.levels or None), alone
     costs = level_costs(load_trained_proposer(out, loaded.model))
     update_card(out, {"evaluation": evaluation_record(levels, costs, held_out_tokens, device, draft_only)})
     return read_card(Path(out))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sequoia.device import legacy_fingerprint
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.files import read_json, write_json_atomic
 
@@ -107,6 +108,18 @@ class Profile:
     @property
     def model(self) -> str:
         return self.target.model
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the target ran in (``device.dtype``)."""
+        return self.device.get("dtype")
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The device fingerprint (:mod:`sequoia.device`); for a profile written before
+        fingerprints, what its device section says (the rest counts as unrecorded)."""
+        recorded = self.device.get("fingerprint")
+        return dict(recorded) if isinstance(recorded, dict) else legacy_fingerprint(self.device)
 
     def latency(self, tokens: float, prefix_len: float) -> float:
         """Target forward latency (ms) for verifying ``tokens`` tree tokens after ``prefix_len``."""

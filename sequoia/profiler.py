@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from sequoia.device import fingerprint
 from sequoia.errors import ConfigError
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.models import dtype_name
@@ -211,11 +212,13 @@ def compare_masks(
 
 # ---------------------------------------------------------------------------- the document
 def describe_device(model: PreTrainedModel) -> dict[str, Any]:
-    """Where and how the model runs: device name, CPU model, threads, versions, dtype, and how
-    many linear layers run from packed weights (:mod:`sequoia.prepack`)."""
+    """Where and how the model runs: device name, CPU model, threads, versions, dtype, how
+    many linear layers run from packed weights (:mod:`sequoia.prepack`), and the device's
+    fingerprint (:func:`sequoia.device.fingerprint`: what must match to reuse the profile)."""
     dtype, device = model_dtype_device(model)
     cpu = _cpu_model()
     return {
+        "fingerprint": fingerprint(device),
         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "type": device.type,
         "cpu_model": cpu,

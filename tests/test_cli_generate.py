@@ -51,7 +51,8 @@ def _greedy_text(target_dir: str, max_new_tokens: int) -> str:
 @pytest.mark.parametrize("draft", ["ngram", "none", "draft", "early-exit:1"])
 def test_greedy_output_equals_generate(dirs, draft):
     spec = dirs.get(draft, draft)
-    result = _run("--target", dirs["target"], "--draft", spec, "--prompt", PROMPT, "--max-new-tokens", "20")
+    result = _run("--target", dirs["target"], "--draft", spec, "--dtype", "float32", "--prompt", PROMPT,
+                  "--max-new-tokens", "20")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == _greedy_text(dirs["target"], 20)
     assert "tokens/s" in result.stderr and "tokens/step" in result.stderr
@@ -83,7 +84,7 @@ def _prompt_file(tmp_path):
 
 def test_stochastic_is_reproducible_with_a_seed(dirs):
     args = ["--target", dirs["target"], "--draft", dirs["draft"], "--prompt", PROMPT, "--max-new-tokens", "12",
-            "--temperature", "0.8", "--top-p", "0.9"]
+            "--temperature", "0.8", "--top-p", "0.9", "--no-replan"]  # a tree chosen by timing would vary
     first, second = _run(*args, "--seed", "5"), _run(*args, "--seed", "5")
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout and len(first.stdout.split()) == 12

@@ -68,7 +68,7 @@ def optimize(
         if acc.target != target:
             raise ConfigError(f"{path} was measured for target {acc.target!r}, not {target!r}; "
                               "measure acceptance and profile on the same model")
-    targets = Targets(target, device, threads)
+    targets = Targets(target, device, threads, tokenizer=False)
     level_ms = _draft_profile_costs(draft_profile, prefix_len, device, foreign_profile) if draft_profile else None
     warn = lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
     plans: list[DevicePlan] = []

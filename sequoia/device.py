@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def fingerprint(device: Any = "cpu") -> dict[str, Any]:
         "isa_flags": cpu["flags"],
         "aten_capability": aten_capability(),
         "isa_env": {name: os.environ.get(name) or None for name in ISA_ENV},
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": _cores(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torch_minor": torch_minor(torch.__version__),
@@ -69,7 +70,28 @@ def fingerprint(device: Any = "cpu") -> dict[str, Any]:
             "gpu_memory_gb": round(props.total_memory / 2**30, 1),
         })
     fp["effective_isa"] = effective_isa(fp)
+    fp["dtypes"] = runnable_dtypes(device)
     return fp
+
+
+def runnable_dtypes(device: Any = "cpu") -> list[str]:
+    """The dtypes worth profiling on ``device``, among those it computes: float32 and bfloat16
+    on CPU; float16 too on a GPU (not a match field: it follows from the others)."""
+    import torch
+
+    device = torch.device(device)
+    wanted = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
+    runs = []
+    for name in wanted:
+        if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            continue
+        try:
+            a = torch.ones(4, 4, dtype=getattr(torch, name), device=device)  # [4, 4]
+            torch.nn.functional.linear(a, a).sum().item()
+            runs.append(name)
+        except RuntimeError:
+            pass
+    return runs
 
 
 def match_fields(fp: dict[str, Any]) -> tuple[str, ...]:
@@ -123,6 +145,60 @@ def describe(fp: dict[str, Any]) -> str:
         where = f"{fp.get('cpu_model')} ({fp.get('cpu_vendor')} {fp.get('cpu_family_model')})"
     return (f"{where}, {fp.get('effective_isa')}, {fp.get('threads')} threads on {fp.get('cores')} cores, "
             f"torch {fp.get('torch')} ({fp.get('torch_build')})")
+
+
+# ---------------------------------------------------------------------------- without torch
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def current(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+    """:func:`fingerprint` of ``device`` with ``threads`` torch threads (None: torch's default),
+    remembered under the cache: a CPU whose inputs (``/proc/cpuinfo``, the ISA and thread
+    environment, the torch installation) were seen before is answered without importing torch,
+    so a cached profile is found in a fraction of a second."""
+    memo, fresh = None, "torch" not in sys.modules  # a process that set its own threads is not memoised
+    if device == "cpu" and fresh:
+        inputs = {"cpu": cpu_info(), "env": {k: os.environ.get(k) for k in ISA_ENV + THREAD_ENV},
+                  "threads": threads, "cores": _cores(), "torch": _torch_install()}
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        from sequoia.files import cache_dir
+
+        memo = cache_dir() / "profiles" / "fingerprints" / f"{digest}.json"
+        if memo.is_file():
+            try:
+                return json.loads(memo.read_text())
+            except (OSError, ValueError):
+                pass
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp = fingerprint(device)
+    if memo is not None:
+        try:
+            from sequoia.files import write_json_atomic
+
+            write_json_atomic(memo, fp)
+        except OSError:
+            pass
+    return fp
+
+
+def _torch_install() -> str:
+    """Which torch is installed (version and place), read without importing it."""
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("torch")
+        return f"{dist.version}@{dist.locate_file('')}"
+    except Exception:  # noqa: BLE001 -- no metadata: never served from the memo by mistake
+        return f"unknown-{os.getpid()}"
+
+
+def _cores() -> int | None:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 # ---------------------------------------------------------------------------- the parts

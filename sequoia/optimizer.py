@@ -260,10 +260,13 @@ def choose_plan(
     }
     plain_dtype = min(profiles, key=lambda d: choices[d].autoregressive_ms)
     plain_ms = choices[plain_dtype].autoregressive_ms
-    best_dtype = min(choices, key=lambda d: choices[d].best.ms_per_token)
-    best = choices[best_dtype].best
-    if best.size > 1 and best.ms_per_token * margin <= plain_ms:
-        return Plan(best_dtype, best.tree, best.ms_per_token, plain_dtype, plain_ms, choices)
+    trees = [(c.ms_per_token, d, c) for d, ch in choices.items() for c in ch.ranked if c.size > 1]
+    if trees:
+        _, best_dtype, best = min(trees, key=lambda t: t[0])
+        if best.ms_per_token * margin <= plain_ms:
+            return Plan(best_dtype, best.tree, best.ms_per_token, plain_dtype, plain_ms, choices)
+    else:  # every runner-up is one node: no tree to report
+        best_dtype, best = plain_dtype, choices[plain_dtype].best
     reason = plain_reason(profiles[best_dtype], best, plain_ms, prefix_len, acceptance, margin)
     return Plan(plain_dtype, PLAIN, plain_ms, plain_dtype, plain_ms, choices, reason)
 
@@ -281,8 +284,8 @@ def plain_reason(
     draft = f" and a draft level {best.draft_ms / max(best.depth, 1):.1f} ms" if best.draft_ms > 0 else ""
     dtype = f" in {profile.dtype}" if profile.dtype else ""
     outcome = ("no tree beats one token per step" if best.size == 1 else
-               f"the best tree ({best.size} nodes, {best.expected_tokens:.2f} tokens/step) would gain only "
-               f"{gain:.2f}x (< {margin:.2f}x)")
+               f"the best tree ({best.size} nodes, {best.expected_tokens:.2f} tokens/step) would reach only "
+               f"{gain:.2f}x plain decoding (< {margin:.2f}x)")
     return (f"plain decoding: verifying 2 tokens costs {two / one:.2f}x one token here{dtype}{draft}; "
             f"with the draft's acceptance (p1 = {p1:.2f}) {outcome}")
 

@@ -154,7 +154,7 @@ def plan_on_device(
     """This device's profiles (cached, else measured now; or the ``profiles`` given, checked
     against this device), the draft's cost on it, and the optimizer's (dtype, tree) choice
     with plain decoding in the fastest dtype as the floor (:func:`sequoia.optimizer.choose_plan`)."""
-    targets = targets or Targets(target, device)
+    targets = targets or Targets(target, device, tokenizer=False)
     dtypes = tuple(dtypes) if dtypes else (() if profiles else device_dtypes(device))
     found = device_profiles(target, dtypes, device, targets, profiles, foreign_ok, progress, warn)
     if level_ms is not None:

@@ -21,6 +21,9 @@ from sequoia.errors import ConfigError, FileFormatError
 from sequoia.files import read_json, write_json_atomic
 
 PROFILE_FORMAT = "sequoia-profile/1"
+DEFAULT_PREFIXES = (128, 512, 1024)  # what ``sequoia profile run --out`` measures by default
+DEFAULT_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 KNEE_FACTOR = 1.25
 STATS = ("median", "p25", "p75", "min", "max")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sequoia.device import fingerprint, fingerprint_key, same_device
+from sequoia.device import current, fingerprint_key, same_device
 from sequoia.errors import ConfigError
 from sequoia.files import cache_dir, read_json, write_json_atomic
 from sequoia.profile import LatencyGrid, Profile
@@ -262,8 +262,8 @@ class Targets:
     """The target, loaded on demand once per dtype as the engine runs it (packed weights where
     they help): a profile found in the cache loads nothing."""
 
-    def __init__(self, spec: str, device: str = "cpu", threads: int | None = None) -> None:
-        self.spec, self.device, self.threads = spec, device, threads
+    def __init__(self, spec: str, device: str = "cpu", threads: int | None = None, tokenizer: bool = True) -> None:
+        self.spec, self.device, self.threads, self.tokenizer = spec, device, threads, tokenizer
         self.models: dict[str, Any] = {}  # dtype -> LoadedModel
         set_threads(threads)
 
@@ -271,7 +271,8 @@ class Targets:
         if dtype not in self.models:
             from sequoia.models import load_model
 
-            self.models[dtype] = load_model(self.spec, dtype=dtype, device=self.device, threads=self.threads)
+            self.models[dtype] = load_model(self.spec, dtype=dtype, device=self.device, threads=self.threads,
+                                            tokenizer=self.tokenizer)
         return self.models[dtype]
 
     def any(self, preferred: str):
@@ -290,32 +291,16 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def device_dtypes(device: str = "cpu") -> tuple[str, ...]:
+def device_dtypes(device: str = "cpu", threads: int | None = None) -> tuple[str, ...]:
     """The dtypes worth profiling on ``device``: float32 and bfloat16 on CPU (where it
-    computes), float16 as well on a GPU."""
-    import torch
-
-    from sequoia.models import check_dtype_runs, resolve_device
-
-    where = resolve_device(device)
-    wanted = ("float32", "bfloat16") + (("float16",) if where.type == "cuda" else ())
-    runs = []
-    for name in wanted:
-        try:
-            check_dtype_runs(getattr(torch, name), where)
-            runs.append(name)
-        except ConfigError:
-            pass
-    return tuple(runs)
+    computes), float16 as well on a GPU (:func:`sequoia.device.runnable_dtypes`)."""
+    return tuple(here(device, threads).get("dtypes") or ("float32",))
 
 
-def here(device: str = "cpu") -> dict[str, Any]:
-    """This process's fingerprint for ``device`` (``auto`` resolved)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return fingerprint(device)
+def here(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+    """This process's fingerprint for ``device`` (``auto`` resolved; see
+    :func:`sequoia.device.current`)."""
+    return current(device, threads)
 
 
 def check_profile(profile: Profile, where: str | Path, fp: dict[str, Any], foreign_ok: bool = False,
@@ -348,7 +333,7 @@ def device_profiles(
     """This device's profile of ``target`` in each of ``dtypes``: read from the cache, else
     measured now and cached. ``explicit`` profile files replace the cache (each in its own
     dtype; refused when measured on another device unless ``foreign_ok``)."""
-    targets = targets or Targets(target, device)
+    targets = targets or Targets(target, device, tokenizer=False)
     fp, name = here(device), model_name(target)
     found: dict[str, CachedProfile] = {}
     for path in explicit:
@@ -393,7 +378,7 @@ def device_draft_costs(
     target's; an early-exit or LM draft runs in the target's)."""
     if spec.kind in ("none", "ngram"):
         return {dtype: DraftCosts() for dtype in dtypes}
-    targets = targets or Targets(target, device)
+    targets = targets or Targets(target, device, tokenizer=False)
     fp, name = here(device), model_name(target)
     if spec.kind == "trained":
         run_dtype = trained_draft_dtype(device)

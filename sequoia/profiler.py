@@ -36,12 +36,9 @@ from sequoia.errors import ConfigError
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.models import dtype_name
 from sequoia.prepack import PackedLinear
-from sequoia.profile import LatencyGrid, Profile
+from sequoia.profile import DEFAULT_PREFIXES, DEFAULT_TOKENS, DEFAULT_WIDTHS, LatencyGrid, Profile  # noqa: F401
 from sequoia.tree import Tree
 
-DEFAULT_PREFIXES = (128, 512, 1024)
-DEFAULT_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 TREE_BRANCHING = 4  # representative tree: complete 4-ary, BFS order
 
 Progress = Callable[[int, int, str], None]  # (passes done, passes in total, what runs now)

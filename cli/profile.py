@@ -120,9 +120,10 @@ def _run_cached(model: str, device: str, dtype: str | None, threads: int | None,
             found[d] = cache.measure_and_cache(targets.get(d), d, report)
         costs = {}
         if draft:
+            from sequoia.draft_costs import device_draft_costs
             from sequoia.drafts import DraftSpec
 
-            costs = cache.device_draft_costs(DraftSpec.resolve(draft, model), model, dtypes, device, targets, report)
+            costs = device_draft_costs(DraftSpec.resolve(draft, model), model, dtypes, device, targets, report)
     for d, hit in found.items():
         how = f"measured now in {hit.seconds:.0f} s" if hit.measured else "cached"
         console.print(f"{d}: {how}: {hit.path}", highlight=False, soft_wrap=True)

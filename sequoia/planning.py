@@ -25,15 +25,8 @@ from sequoia.optimizer import (
     draft_latency_fn,
     level_widths,
 )
-from sequoia.profile_cache import (
-    CachedProfile,
-    DraftCosts,
-    Progress,
-    Targets,
-    device_draft_costs,
-    device_dtypes,
-    device_profiles,
-)
+from sequoia.draft_costs import DraftCosts, device_draft_costs
+from sequoia.profile_cache import CachedProfile, Progress, Targets, device_dtypes, device_profiles
 from sequoia.sampling import SamplingConfig
 from sequoia.solver import chain, solve
 from sequoia.tree import Tree

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sequoia import draft_costs as costs_
 from sequoia import profile_cache as cache
 from sequoia import profiler
 from sequoia.device import fingerprint, fingerprint_key
@@ -88,22 +89,22 @@ def test_a_cards_costs_count_only_on_the_device_that_measured_them(tiny_dir, tmp
     from sequoia.drafts.card import save_draft, update_card
 
     save_draft(random_draft("mlp", tiny_llama(seed=0), heads=2), tmp_path / "d", "tiny")
-    run_dtype = cache.trained_draft_dtype("cpu")
+    run_dtype = costs_.trained_draft_dtype("cpu")
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 7.0, "16": 9.0}, "cost_dtype": run_dtype,
                                                 "cost_fingerprint": fingerprint("cpu")}})
-    here_card = cache.device_draft_costs(DraftSpec.resolve(tmp_path / "d", tiny_dir), tiny_dir, ["float32"])
-    assert here_card["float32"] == cache.DraftCosts({1: 7.0, 16: 9.0}, "card", run_dtype)
+    here_card = costs_.device_draft_costs(DraftSpec.resolve(tmp_path / "d", tiny_dir), tiny_dir, ["float32"])
+    assert here_card["float32"] == costs_.DraftCosts({1: 7.0, 16: 9.0}, "card", run_dtype)
     # a card measured elsewhere (or before fingerprints) is timed again here, then cached
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 7.0, "16": 9.0}, "cost_dtype": run_dtype}})
     spec = DraftSpec.resolve(tmp_path / "d", tiny_dir)
-    measured = cache.device_draft_costs(spec, tiny_dir, ["float32", "bfloat16"])
+    measured = costs_.device_draft_costs(spec, tiny_dir, ["float32", "bfloat16"])
     assert measured["float32"].source == "measured" and measured["float32"] is measured["bfloat16"]
-    assert sorted(measured["float32"].level_ms) == list(cache.DRAFT_WIDTHS)
-    assert cache.device_draft_costs(spec, tiny_dir, ["float32"])["float32"].source == "cache"
-    assert cache.device_draft_costs(DraftSpec.resolve("ngram", tiny_dir), tiny_dir, ["float32"])["float32"].source == "free"
+    assert sorted(measured["float32"].level_ms) == list(costs_.DRAFT_WIDTHS)
+    assert costs_.device_draft_costs(spec, tiny_dir, ["float32"])["float32"].source == "cache"
+    assert costs_.device_draft_costs(DraftSpec.resolve("ngram", tiny_dir), tiny_dir, ["float32"])["float32"].source == "free"
 
 
 def test_an_early_exit_draft_is_timed_per_level_in_the_engines_dtype(tiny_dir):
-    costs = cache.device_draft_costs(DraftSpec.resolve("early-exit:1", tiny_dir), tiny_dir, ["float32"])["float32"]
+    costs = costs_.device_draft_costs(DraftSpec.resolve("early-exit:1", tiny_dir), tiny_dir, ["float32"])["float32"]
     assert costs.source == "measured" and costs.dtype == "float32"
-    assert sorted(costs.level_ms) == list(cache.DRAFT_WIDTHS) and all(ms > 0 for ms in costs.level_ms.values())
+    assert sorted(costs.level_ms) == list(costs_.DRAFT_WIDTHS) and all(ms > 0 for ms in costs.level_ms.values())

@@ -7,7 +7,7 @@ edge and pass it down::
     spec.kind                                         # "trained"
     spec.limits.cap(8)                                # 4: a trained draft fills its heads' levels
                                                       # (its cost per level is priced per device:
-                                                      # sequoia.profile_cache.device_draft_costs)
+                                                      # sequoia.draft_costs.device_draft_costs)
     proposer = spec.proposer(loaded_target)           # weights load only here
 
 Kinds: ``none`` (plain decoding), ``ngram`` (prompt lookup), ``early-exit`` (the target's first
@@ -95,7 +95,7 @@ class DraftSpec:
 
 def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
     """A trained draft's depth limit (its heads). Its card's cost per level is checked here but
-    priced only on the device it was measured on (:func:`sequoia.profile_cache.device_draft_costs`
+    priced only on the device it was measured on (:func:`sequoia.draft_costs.device_draft_costs`
     reads it with the card's fingerprint), so the limits carry no cost."""
     config = DraftConfig.from_json(card.get("config"), str(where))
     costs = (card.get("evaluation") or {}).get("cost_ms_per_level") or {}

@@ -36,7 +36,7 @@ from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.drafts.trained import TrainedDraft
 from sequoia.drafts.registry import load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
-from sequoia.profile_cache import trained_draft_dtype
+from sequoia.draft_costs import trained_draft_dtype
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 
@@ -199,7 +199,7 @@ def evaluation_record(
         "cost_dtype": trained_draft_dtype(str(torch.device(device).type)),
         "cost_device": str(device),
         "cost_threads": torch.get_num_threads(),
-        # the costs are used as they are only on this device (sequoia.profile_cache.device_draft_costs)
+        # the costs are used as they are only on this device (sequoia.draft_costs.device_draft_costs)
         "cost_fingerprint": fingerprint(device),
     }
 

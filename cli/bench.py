@@ -70,7 +70,7 @@ def bench(
         opt = sec["optimizer"]
         table = Table(title=f"{sec['setting']}: plan {opt['dtype']}, {opt['size']} nodes, depth {opt['depth']}, "
                             f"predicted {opt['predicted_speedup']:.2f}x", title_justify="left")
-        for col in ("method", "tokens/s", "speed-up", "tokens/step", "predicted", "ms/token", "predicted ms/token"):
+        for col in ("method", "tok/s", "speed-up", "tok/step", "pred.", "ms/tok", "pred. ms/tok"):
             table.add_column(col, justify="right" if col != "method" else "left")
         for row in sec["summary"]:
             pred, ms, pms = row["predicted_tokens_per_step"], row.get("ms_per_token"), row.get("predicted_ms_per_token")

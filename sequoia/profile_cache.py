@@ -12,8 +12,8 @@ another entry::
 
 The quick grid (:func:`measure_quick`): prefixes 128 and 512 (those the context holds), token
 counts 1, 2, 3, 4, 6, 8, 12, 16, ... grown only while the latency stays under
-:data:`GROWTH_LIMIT` times one token's (a larger tree could never pay beyond that), a few
-repeats. A draft's cost per tree level, measured the same way on first use, is
+:data:`GROWTH_LIMIT` times one token's (a larger tree could never pay beyond that), 1 warm-up
+and 7 timed rounds. A draft's cost per tree level, measured the same way on first use, is
 :mod:`sequoia.draft_costs`.
 
 Nothing here imports transformers until something must be measured, so a cached answer is
@@ -36,7 +36,7 @@ from sequoia.profile import LatencyGrid, Profile
 QUICK_PREFIXES = (128, 512)
 QUICK_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 GROWTH_LIMIT = 3.0  # stop growing the token count once a pass costs this many one-token passes
-QUICK_REPEATS = 5
+QUICK_REPEATS = 7  # a busy shared machine moves single passes by 30% and more
 QUICK_WARMUP = 1
 PROBE_REPEATS = 3
 Progress = Callable[[int, int, str], None]

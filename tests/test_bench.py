@@ -166,3 +166,31 @@ def test_baseline_trees_keep_to_the_drafts_depth(models):
                           max_depth=2)
     assert max(m.tree.depth for m in free) == 11  # the best chain of 12 nodes
     assert [m.tree.depth for m in capped] == [2, 2, 2, 2] and all(m.tree.size <= 12 for m in capped)
+
+
+def test_agreement_lines_tell_bfloat16_rounding_from_a_float32_bug():
+    from sequoia.bench.report import agreement_lines
+
+    agreement = {
+        "sequoia (4 nodes, depth 2)": {"reference": "generate bfloat16", "identical": False,
+                                       "mismatched_prompts": [0, 2], "first_difference_at": [28, 21]},
+        "hf-prompt-lookup": {"reference": "generate bfloat16", "identical": False, "mismatched_prompts": [1],
+                             "first_difference_at": [37]},
+        "chain (4 nodes, depth 3)": {"reference": "generate float32", "identical": True, "mismatched_prompts": [],
+                                     "first_difference_at": []},
+    }
+    same, bf16 = agreement_lines(agreement)
+    assert same.endswith(": chain (4 nodes, depth 3).")
+    assert bf16.startswith("First divergence from generate bfloat16: sequoia: prompt 0 @ token 28, prompt 2 @ token 21; "
+                           "hf-prompt-lookup: prompt 1 @ token 37 -- ")
+    agreement["chain (4 nodes, depth 3)"].update(identical=False, mismatched_prompts=[1], first_difference_at=[5])
+    assert agreement_lines(agreement)[-1].startswith("DIFFERENT from generate float32")
+    assert agreement_lines(None) == []
+
+
+def test_a_plain_plan_runs_one_engine_row(models):
+    target = models[0]
+    methods = tree_methods(target, NgramProposer, Tree((-1,)), GREEDY.acceptance, GREEDY.sampling, (), "float32",
+                           latency=(lambda n: 30.0 * n, lambda w: 0.0))
+    (only,) = methods
+    assert only.name == "sequoia (1 nodes, depth 0)" and only.predicted_ms_per_token == 30.0

@@ -54,6 +54,9 @@ def build(only: str | None = None) -> typer.Typer:
 
 def run() -> None:
     """The ``sequoia`` console script: build only the command asked for, then run it."""
+    if sys.argv[1:] == ["--version"]:
+        typer.echo(f"sequoia {sequoia.__version__}")
+        return
     name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     build(name if name in GROUPS or name in COMMANDS else None)()
 

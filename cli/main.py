@@ -15,7 +15,8 @@ import typer
 import sequoia
 
 GROUPS = {"tree": "tree", "profile": "profile", "draft": "draft", "simulate": "simulate"}  # name -> module (.app)
-COMMANDS = {"optimize": "optimize", "acceptance": "acceptance", "bench": "bench", "generate": "generate"}  # -> .<name>
+COMMANDS = {"optimize": "optimize", "acceptance": "acceptance", "bench": "bench", "generate": "generate",
+            "serve": "serve"}  # name -> module (.<name>)
 
 
 def _version(value: bool) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import typer
@@ -67,6 +66,7 @@ def run(
         return
     from sequoia import profiler
     from sequoia.drafts import DraftSpec
+    from sequoia.figures import profile_png, write_png
     from sequoia.models import load_model
 
     if out.suffix != ".json":
@@ -93,7 +93,7 @@ def run(
     loads = (load_before, profiler.load_average())
     result = profiler.build_profile(target, loaded.model, repeats, warmup, loads, draft_grid, notes)
     result.save(out)
-    plot_profile(result, out.with_suffix(".png"))
+    write_png(out.with_suffix(".png"), profile_png(result))
     _print_profile(result)
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -173,7 +173,7 @@ def compare(
     counts = sorted(set(pa.target.tokens) & set(pb.target.tokens))
     if not prefixes or not counts:
         raise ConfigError(f"{a} and {b} share no (prefix length, token count) cell")
-    console.print(f"A = {a}: {_describe(pa)}\nB = {b}: {_describe(pb)}")
+    console.print(f"A = {a}: {pa.describe()}\nB = {b}: {pb.describe()}")
     table = Table("tokens", title="median latency (ms) and B/A")
     for p in prefixes:
         table.add_column(f"A @{p}", justify="right")
@@ -229,38 +229,9 @@ def _warn_if_busy(load: float) -> None:
         )
 
 
-def plot_profile(result: Profile, path: Path) -> None:
-    """Latency vs token count, one line (median, IQR band) per prefix length; atomic PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grids = [("target", result.target)] + ([("draft per level", result.draft)] if result.draft else [])
-    fig, axes = plt.subplots(1, len(grids), figsize=(6.5 * len(grids), 4.5), squeeze=False)
-    for ax, (label, grid) in zip(axes[0], grids):
-        for p, prefix_len in enumerate(grid.prefix_lengths):
-            ax.plot(grid.tokens, grid.median[p], marker=".", label=f"prefix {prefix_len}")
-            ax.fill_between(grid.tokens, grid.stats["p25"][p], grid.stats["p75"][p], alpha=0.25)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("new tokens per forward pass" if label == "target" else "tree level width")
-        ax.set_ylabel("latency (ms)")
-        ax.set_title(f"{label}: {grid.model}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("\n".join(textwrap.wrap(_describe(result), 100)), fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
 
 def _print_profile(result: Profile) -> None:
-    console.print(_describe(result))
+    console.print(result.describe())
     _print_grid(result.target, "target: median (IQR) ms")
     knees = ", ".join(f"prefix {p}: {result.knee(p)}" for p in result.target.prefix_lengths)
     console.print(f"knee (largest n within {KNEE_FACTOR}x of {result.target.tokens[0]} token): {knees}")
@@ -291,13 +262,6 @@ def _cell(grid: LatencyGrid, p: int, t: int) -> str:
     iqr = grid.stats["p75"][p, t] - grid.stats["p25"][p, t]
     return f"{grid.median[p, t]:.1f} ({iqr:.1f})"
 
-
-def _describe(result: Profile) -> str:
-    d, m = result.device, result.meta
-    return (
-        f"{result.model} | {d.get('name')} | {d.get('dtype')} | {d.get('threads')} threads | "
-        f"torch {d.get('torch')} | {m.get('repeats')} repeats | {m.get('date')}"
-    )
 
 
 def _ints(text: str, option: str) -> list[int]:

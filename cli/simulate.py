@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +11,13 @@ import typer
 from rich.table import Table
 
 from sequoia.acceptance import AcceptanceResult
-from sequoia.dsi.simulator import DEFAULT_SAMPLES, DEFAULT_SP_DEGREE, DSIConfig, Grid, SimResult, grid, simulate
+from sequoia.dsi.simulator import DEFAULT_SAMPLES, DEFAULT_SP_DEGREE, DSIConfig, SimResult, grid, simulate
 from sequoia.dsi.check import CHECK_PROMPTS, CheckResult, check
 from sequoia.dsi.paper import PaperComparison, compare, paper_markdown
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import tiny_llama
 from sequoia.profile import Profile
+from sequoia.figures import dsi_heatmap_png, write_png
 from sequoia.files import write_atomic, write_json_atomic
 from sequoia_cli.common import console, handles_errors
 
@@ -91,40 +91,6 @@ def _paper_rich(rows: list[PaperComparison]) -> Table:
     return table
 
 
-def _heatmap_png(g: Grid) -> bytes:
-    """Three speed-up panels over drafter latency x acceptance, log colour scales centred on
-    1 (red: slower, blue: faster), the 1.0 line drawn where a panel crosses it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    panels = (
-        ("SI vs non-SI (red: SI is slower)", 1.0 / g.si),
-        ("DSI vs SI", g.si / g.dsi),
-        ("DSI vs the faster of SI and non-SI", np.minimum(g.si, 1.0) / g.dsi),
-    )
-    x, y = np.asarray(g.drafter_fractions), np.asarray(g.acceptances)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
-    for ax, (title, speedup) in zip(axes, panels):
-        extreme = max(speedup.max(), 1.0 / speedup.min(), 1.05)
-        norm = LogNorm(vmin=1.0 / extreme, vmax=extreme)
-        mesh = ax.pcolormesh(x, y, speedup, cmap="RdBu", norm=norm, shading="nearest")
-        if speedup.min() < 1.0 < speedup.max():
-            ax.contour(x, y, speedup, levels=[1.0], colors="black", linewidths=1.2)
-        ax.set(title=f"{title}: {speedup.min():.2f}-{speedup.max():.2f}x",
-               xlabel="drafter latency / target latency", ylabel="acceptance rate")
-        bar = fig.colorbar(mesh, ax=ax, label="speed-up (log scale)")
-        ticks = np.geomspace(1.0 / extreme, extreme, 5)
-        bar.set_ticks(ticks, labels=[f"{t:.2f}x" for t in ticks], minor=False)
-        bar.ax.minorticks_off()
-    fig.suptitle(f"Simulated speed-ups, SP degree {g.sp_degree}, best lookahead in "
-                 f"{min(g.lookaheads)}..{max(g.lookaheads)} per algorithm")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 @app.command("dsi")
@@ -170,9 +136,9 @@ def dsi(
         if json_out is not None:
             writes.append((json_out, lambda: write_json_atomic(json_out, point.to_json())))
     if surface is not None:
-        png = _heatmap_png(surface)
+        png = dsi_heatmap_png(surface)
         data = heatmap.with_suffix(".json")
-        writes.append((heatmap, lambda: write_atomic(heatmap, lambda tmp: tmp.write_bytes(png))))
+        writes.append((heatmap, lambda: write_png(heatmap, png)))
         writes.append((data, lambda: write_json_atomic(data, surface.to_json())))
         vs_si, vs_best = surface.si / surface.dsi, np.minimum(surface.si, 1.0) / surface.dsi
         console.print(f"heatmap: SI slower than non-SI at {int((surface.si > 1.0).sum())}/"

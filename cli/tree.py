@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import typer
-from matplotlib.figure import Figure
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree as RichTree
@@ -15,13 +13,12 @@ from rich.tree import Tree as RichTree
 from sequoia import solver
 from sequoia.acceptance import ACCEPTANCE_FORMAT, AcceptanceResult
 from sequoia.errors import AcceptanceError, ConfigError
+from sequoia.scaling import ScalingReport
 from sequoia.tree import EXPORT_FORMATS, Tree, export, load_growmap
-from sequoia.files import write_atomic, write_json_atomic
 from sequoia_cli.common import console, handles_errors
 
 app = typer.Typer(help="Build, inspect and export speculation trees.", no_args_is_help=True)
 
-SCALING_FORMAT = "sequoia-scaling/1"
 BUILD_SHAPES = ("sequoia", *solver.SHAPES)
 
 AcceptanceFile = typer.Option(None, "--acceptance", help=f"A {ACCEPTANCE_FORMAT} JSON file (its rows by depth where measured, else its 'vector').")
@@ -181,39 +178,10 @@ def scaling(
         raise ConfigError(f"--out must be a .png path (the .json and .md go next to it), got {out}")
     vector = _acceptance(acceptance, p)
     curves = solver.scaling_table(vector, max_size, max_depth, _solve_with_progress(vector, max_size, max_depth))
-    sizes = sorted({*(2**i for i in range(max_size.bit_length())), max_size})
-    rows = [[str(n)] + [f"{curves[name][n - 1]:.3f}" for name in curves] for n in sizes]
+    report = ScalingReport(vector, max_depth, curves)
+    report.write(out)
     view = Table("size", *curves, title=f"expected tokens per step (depth <= {max_depth})")
-    for row in rows:
+    for row in report.rows():
         view.add_row(*row)
-    caption = f"Expected tokens per step, best tree of each shape (p = {vector.tolist()}, depth <= {max_depth})"
-    markdown = "\n".join([caption, "", "| size | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
-                         + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-    document = {"format": SCALING_FORMAT, "acceptance": vector.tolist(), "max_depth": max_depth,
-                "sizes": list(range(1, max_size + 1)), "expected_tokens": {k: v.tolist() for k, v in curves.items()}}
-    png = _plot(curves, vector, max_depth)
-    write_json_atomic(out.with_suffix(".json"), document)
-    _write_bytes(out.with_suffix(".md"), markdown.encode())
-    _write_bytes(out, png)
     console.print(view)
     _say(f"wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
-
-def _plot(curves: dict[str, np.ndarray], p: np.ndarray, max_depth: int) -> bytes:
-    figure = Figure(figsize=(6, 4), dpi=120)
-    axes = figure.add_subplot()
-    sizes = np.arange(1, len(curves["sequoia"]) + 1)
-    for name, values in curves.items():
-        axes.plot(sizes, values, label=name, linewidth=2 if name == "sequoia" else 1.2)
-    axes.set(xscale="log", xlabel="tree size (tokens verified per step)", ylabel="expected tokens per step",
-             title=f"p = {', '.join(f'{x:.2f}' for x in p[:4])}{', ...' if p.size > 4 else ''}; depth <= {max_depth}")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
-

@@ -139,6 +139,14 @@ class Profile:
     def knee(self, prefix_len: float, factor: float = KNEE_FACTOR) -> int:
         return self.target.knee(prefix_len, factor)
 
+    def describe(self) -> str:
+        """One line: model, device, dtype, threads, torch, repeats, date."""
+        d, m = self.device, self.meta
+        return (
+            f"{self.model} | {d.get('name')} | {d.get('dtype')} | {d.get('threads')} threads | "
+            f"torch {d.get('torch')} | {m.get('repeats')} repeats | {m.get('date')}"
+        )
+
     def to_json(self) -> dict[str, Any]:
         doc = {"format": PROFILE_FORMAT, "device": self.device, **self.target.to_json(), **self.meta}
         doc["draft"] = self.draft.to_json() if self.draft else None

@@ -86,8 +86,14 @@ def render_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("--chat needs a tokenizer with a chat template; this one has none")
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return render_messages(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text)["input_ids"]
+
+
+def render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the
+    tokenizer's chat template, ending where the assistant's answer starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the model's tokenizer has no chat template; send a plain prompt instead")
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]

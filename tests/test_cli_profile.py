@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from sequoia.models import tiny_llama
 from sequoia_cli.main import app
+from cli_helpers import assert_user_error
 
 runner = CliRunner()
 
@@ -68,8 +69,7 @@ def test_check_mask(tiny_dir):
 def test_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, extra, message):
     out = tmp_path / "p.json"
     result = profile_run(tiny_dir, out, *extra)
-    assert result.exit_code == 2
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert_user_error(result, message)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -82,20 +82,19 @@ def test_bad_models(tmp_path, monkeypatch, model, message):
     (tmp_path / "broken.gguf").write_bytes(b"nope" * 8)
     monkeypatch.chdir(tmp_path)
     result = invoke("profile", "run", "--model", model, "--out", tmp_path / "p.json")
-    assert result.exit_code == 2 and message in result.output
-    assert not (tmp_path / "p.json").exists()
+    assert_user_error(result, message, tmp_path / "p.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu(tiny_dir, tmp_path):
     result = profile_run(tiny_dir, tmp_path / "p.json", "--device", "cuda")
-    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    assert_user_error(result, "no CUDA GPU", tmp_path / "p.json")
 
 
 def test_show_rejects_other_files(tmp_path):
     (tmp_path / "t.json").write_text('{"format": "sequoia-tree/1", "parents": [-1]}')
     result = invoke("profile", "show", tmp_path / "t.json")
-    assert result.exit_code == 2 and "not a sequoia-profile/1 document" in result.output
+    assert_user_error(result, "not a sequoia-profile/1 document")
 
 
 def test_run_without_out_fills_this_devices_cache_once(tiny_dir):

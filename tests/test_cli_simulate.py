@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from sequoia.acceptance import AcceptanceResult
 from sequoia.profile import LatencyGrid, Profile
 from sequoia_cli.main import app
+from cli_helpers import assert_user_error
 
 runner = CliRunner()
 POINT = ["--target-latency", "30", "--drafter-latency", "27", "--acceptance", "0.1", "--lookahead", "1"]
@@ -81,8 +82,7 @@ def test_heatmap_and_paper_table_files(tmp_path):
 )
 def test_bad_values_are_one_line_and_write_nothing(tmp_path, args, message):
     result = _dsi(*POINT, *args, "--json", str(tmp_path / "p.json"), "--heatmap", str(tmp_path / "h.png"))
-    assert result.exit_code == 2
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert_user_error(result, message)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -99,14 +99,14 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, args, message):
 )
 def test_incomplete_or_contradictory_inputs(tmp_path, args, message):
     result = _dsi(*args)
-    assert result.exit_code == 2 and message in result.output, result.output
+    assert_user_error(result, message)
 
 
 def test_unwritable_output_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = _dsi(*POINT, "--json", str(blocker / "p.json"))
-    assert result.exit_code == 2 and "cannot write" in result.output
+    assert_user_error(result, "cannot write")
 
 
 def test_check_dsi_runs_the_orchestrator_and_writes_json(tmp_path):
@@ -121,4 +121,4 @@ def test_check_dsi_runs_the_orchestrator_and_writes_json(tmp_path):
 
 def test_check_dsi_bad_input():
     result = runner.invoke(app, ["simulate", "check-dsi", "--sp-degree", "0"])
-    assert result.exit_code == 2 and "SP degree" in result.output
+    assert_user_error(result, "SP degree")

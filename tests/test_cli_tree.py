@@ -13,6 +13,7 @@ from sequoia.solver import expected_tokens, solve
 from sequoia.tree import Tree
 from sequoia.files import read_json
 from sequoia_cli.main import app
+from cli_helpers import assert_user_error
 
 runner = CliRunner()
 P = "0.62,0.13,0.05"
@@ -26,11 +27,7 @@ def ok(*args: str) -> str:
 
 def fails(*args: str, words: str) -> None:
     """The command exits 2 with exactly one error line mentioning ``words``."""
-    result = runner.invoke(app, ["tree", *args])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
-    assert "Traceback" not in result.output
+    assert_user_error(runner.invoke(app, ["tree", *args]), words)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from sequoia.drafts.trained import ReducedVocab
 from sequoia.drafts.registry import load_draft
 from sequoia.errors import ConfigError, FileFormatError, ModelError
 from sequoia.models import LoadedModel, tiny_llama
+from cli_helpers import assert_user_error
 
 FAST = dict(heads=3, vocab=48, batch_tokens=512, lr=3e-3, precision="float32", minutes=None)
 
@@ -312,10 +313,7 @@ def test_cli_bad_input_is_one_line(case, tiny_target, tmp_path):
         "mix of no draft": (["mix", str(tmp_path / "nothing"), "--data", str(tmp_path / "s")], "not a trained draft"),
         "mix ngram 0": (["mix", str(tmp_path / "d"), "--max-ngram", "0", "--data", str(tmp_path / "s")], "--max-ngram"),
     }[case]
-    result = CliRunner().invoke(app, ["draft", *args])
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
-    assert not (tmp_path / "o").exists()
+    assert_user_error(CliRunner().invoke(app, ["draft", *args]), words, tmp_path / "o")
 
 
 def test_draft_limits_come_from_the_card(tiny_target, tmp_path):

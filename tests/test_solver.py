@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import doctest
 import heapq
-import time
 from functools import cache
 
 import numpy as np
@@ -215,12 +214,10 @@ def test_progress_reports_each_depth() -> None:
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 
-def test_large_table_sanity_speed() -> None:
-    """Loose bound only (the real numbers are in the README): 512 nodes, depth 32, 16 ranks."""
+def test_large_table_is_consistent() -> None:
+    """512 nodes, depth 32, 16 ranks (its speed is measured by `sequoia tree scaling`, not here)."""
     p = np.sort(np.random.default_rng(0).dirichlet(np.ones(17)))[::-1][:16]
-    start = time.perf_counter()
     table = solve(p, 512, 32)
-    assert time.perf_counter() - start < 20
     tree = table.best()
     assert expected_tokens(tree, p) == pytest.approx(table.values[512, 32], rel=1e-9)
 

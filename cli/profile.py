@@ -132,7 +132,8 @@ def _run_cached(model: str, device: str, dtype: str | None, threads: int | None,
         console.print(f"draft {draft} per tree level in {c.dtype or d} ({c.source}), ms by width: {shown}",
                       highlight=False, soft_wrap=True)
     _print_side_by_side({d: hit.profile for d, hit in found.items()})
-    console.print(f"profile step: {time.perf_counter() - start:.1f} s (cache: {cache.cache_dir() / 'profiles'})",
+    console.print(f"cache: {cache.cache_dir() / 'profiles'}"
+                  + (f"; measured {', '.join(missing)} in {time.perf_counter() - start:.0f} s" if missing else ""),
                   highlight=False, soft_wrap=True)
 
 

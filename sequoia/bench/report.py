@@ -16,7 +16,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['date']} · {report['machine']['processor']} · torch {report['machine']['torch']} · "
         f"{report['machine']['threads']} threads · {len(report['prompts'])} prompts × {cfg['max_new_tokens']} "
-        f"new tokens · engine dtype {cfg['engine_dtype']} · medians over prompts (min–max)",
+        f"new tokens · engine dtype {cfg['engine_dtype'] or 'the plan’s'} · medians over prompts (min–max)"
+        + (" · load average {before} → {after}".format(**report["machine"]["load_average"])
+           if report["machine"].get("load_average") else ""),
         *(f"\nNote: {note}" for note in report.get("notes", [])),
     ]
     for sec in report["sections"]:

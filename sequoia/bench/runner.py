@@ -15,6 +15,7 @@ per token, and the greedy token-for-token agreement check.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -73,6 +74,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
     draft = DraftSpec.resolve(config.draft, config.target)
     config = replace(config, draft=draft.name, profile=tuple(config.profile))
+    load_before = _load_average()
     limits = draft.limits
     max_depth = limits.cap(config.max_depth)
     if config.engine_dtype is not None and config.engine_dtype not in config.dtypes:
@@ -161,12 +163,18 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": devices.describe(fp),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": config.device,
-                    "fingerprint": fp, "fingerprint_key": devices.fingerprint_key(fp)},
+                    "fingerprint": fp, "fingerprint_key": devices.fingerprint_key(fp),
+                    "load_average": {"before": load_before, "after": _load_average()}},
         "config": asdict(config),
         "prompts": [p.id for p in prompt_set],
         "notes": notes,
         "sections": sections,
     }
+
+
+def _load_average() -> float:
+    """The 1-minute load average: a shared machine's other work moves every timing."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0
 
 
 class _Proposers:

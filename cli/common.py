@@ -46,8 +46,9 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
 
 
 @contextmanager
-def progress_bar(description: str = "loading") -> Iterator[Callable[[int, int, str], None]]:
-    """A transient Rich bar; yields ``update(done, total, label)`` for library callbacks."""
+def progress_bar(description: str = "loading", console: Console = console) -> Iterator[Callable[[int, int, str], None]]:
+    """A transient Rich bar (on ``console``: stdout unless a command keeps stdout for its
+    output); yields ``update(done, total, label)`` for library callbacks."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=None)

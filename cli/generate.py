@@ -5,20 +5,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 from rich.table import Table
 
+from sequoia.acceptance import AcceptanceResult
 from sequoia.drafts import DraftSpec
 from sequoia.engine import VERIFIERS, Engine
-from sequoia.models import eos_token_ids
 from sequoia.errors import ConfigError, FileFormatError
-from sequoia.models import DEFAULT_MODEL, load_model
+from sequoia.models import DEFAULT_MODEL, eos_token_ids
+from sequoia.planning import DevicePlan, default_acceptance, plan_on_device, plan_tree
+from sequoia.profile_cache import Targets
 from sequoia.prompts import render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia.planning import plan_tree
-from sequoia.tree import Tree
-from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors
+from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors, progress_bar
 
 @handles_errors
 def generate(
@@ -28,9 +29,18 @@ def generate(
     draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
     tree_file: Path | None = typer.Option(None, "--tree", help="Tree file (sequoia-tree/1 JSON or growmap .pt)."),
     budget: int | None = typer.Option(None, "--budget", help="Tree size for the solver (with --acceptance)."),
-    max_depth: int | None = typer.Option(None, "--max-depth", help="Tree depth limit for the solver."),
-    acceptance: Path | None = typer.Option(None, "--acceptance", help="sequoia-acceptance/1 file for the solver."),
-    chat: bool = typer.Option(False, "--chat/--no-chat", help="Apply the target's chat template."),
+    max_depth: int | None = typer.Option(None, "--max-depth", help="Tree depth limit for the solver or the plan."),
+    acceptance: Path | None = typer.Option(
+        None, "--acceptance", help="sequoia-acceptance/1 file to plan with (default: the draft's card, else a guess)."
+    ),
+    profile: list[Path] = typer.Option(
+        [], "--profile", help="Profile(s) to plan with (default: this device's, cached or measured now)."
+    ),
+    foreign_profile: bool = typer.Option(False, "--foreign-profile", help="Accept a profile of another device."),
+    replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan when steps measure slower than planned."),
+    chat: bool | None = typer.Option(
+        None, "--chat/--no-chat", help="Apply the target's chat template (default: when it has one)."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Stop after this many new tokens."),
     mode: str | None = typer.Option(
         None, "--mode", help="greedy or stochastic (default: stochastic iff --temperature > 0)."
@@ -40,29 +50,52 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     verifier: str = typer.Option("sequoia", "--verifier", help="Stochastic verification: sequoia or specinfer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 (default: the plan's choice for this device)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: all)."),
 ) -> None:
-    """Generate text with the target, speculating with a draft on a token tree (lossless)."""
+    """Generate text with the target, speculating with a draft on a token tree (lossless).
+
+    With no tree options the dtype and tree are the best for this device: planned from its
+    profiles (cached; measured on first use) and the draft's acceptance, and re-planned while
+    decoding when the steps measure slower than plain decoding."""
     sampling = _sampling(mode, temperature, top_p, top_k)
     text = _prompt_text(prompt, prompt_file)
-    draft = DraftSpec.resolve(draft, target)
-    tree = plan_tree(draft, tree_file, budget, max_depth, acceptance)
+    draft_spec = DraftSpec.resolve(draft, target)
     if verifier not in VERIFIERS:
         raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
-    with console.status(f"loading {target}" + ("" if draft.kind in ("none", "ngram") else f" and {draft}")):
-        loaded = load_model(target, dtype=dtype, device=device, threads=threads)
-        proposer = draft.proposer(loaded, dtype=dtype, device=device)
+    targets = Targets(target, device, threads)
+    replanner, notes = None, []
+    if tree_file is not None or budget is not None:  # the user's tree: no profile, no re-planning
+        tree = plan_tree(draft_spec, tree_file, budget, max_depth, acceptance)
+        run_dtype = dtype or str(tree.meta.get("dtype") or "float32")
+    else:
+        planned = _device_plan(draft_spec, targets, sampling, acceptance, dtype, device, profile, foreign_profile,
+                               max_depth, len(text) // 4 + max_new_tokens // 2)
+        notes.append(planned.describe())
+        if planned.plan.reason and draft_spec.kind != "none":
+            notes.append(planned.plan.reason)
+        tree, run_dtype = planned.plan.tree, planned.plan.dtype
+        replanner = planned.replanner() if replan else None
+    if tree.size == 1:
+        draft_spec = DraftSpec.resolve("none", target)  # plain decoding loads no draft
+    with console.status(f"loading {target}" + ("" if draft_spec.kind in ("none", "ngram") else f" and {draft_spec}")):
+        loaded = targets.get(run_dtype)
+        proposer = draft_spec.proposer(loaded, dtype=run_dtype, device=device)
         proposer.warmup()
-    ids = torch.tensor(render_prompt(loaded.tokenizer, text, chat), dtype=torch.long)
+    use_chat = bool(getattr(loaded.tokenizer, "chat_template", None)) if chat is None else chat
+    ids = torch.tensor(render_prompt(loaded.tokenizer, text, use_chat), dtype=torch.long)
     engine = Engine(
         loaded.model, proposer, tree, sampling, verifier=verifier, seed=seed,
-        eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+        eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer), replanner=replanner,
     )
     start = time.perf_counter()
     engine.start(ids, max_new_tokens)
     prefill = time.perf_counter() - start
+    for note in notes:  # once the prompt is accepted: a refused one gets its error line alone
+        err_console.print(note, highlight=False, soft_wrap=True)
     shown = ""
     while engine.stop is None:
         engine.step()
@@ -71,7 +104,27 @@ def generate(
             typer.echo(decoded[len(shown):], nl=False)
             shown = decoded
     typer.echo("")
-    _summary(engine, tree, prefill)
+    _summary(engine, prefill, run_dtype)
+
+
+def _device_plan(draft: DraftSpec, targets: Targets, sampling: SamplingConfig, acceptance: Path | None,
+                 dtype: str | None, device: str, profiles: list[Path], foreign: bool, max_depth: int | None,
+                 prefix_len: int) -> DevicePlan:
+    """This device's plan: the draft's acceptance (a file, its card, or a default) priced with
+    this device's profiles (cached, measured now, or given)."""
+    if draft.kind == "none":
+        vector, source = np.zeros(1), "no draft"
+    elif acceptance is not None:
+        vector, source = AcceptanceResult.load(acceptance).for_solver, str(acceptance)
+    else:
+        vector, source = default_acceptance(draft, sampling)
+    warn = lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+    with progress_bar("this device's profile", console=err_console) as report:
+        return plan_on_device(
+            targets.spec, draft, vector, source, [dtype] if dtype else None, device, targets,
+            prefix_len=max(prefix_len, 1), max_depth=16 if max_depth is None else max_depth,
+            profiles=profiles, foreign_ok=foreign, progress=report, warn=warn,
+        )
 
 
 def _sampling(mode: str | None, temperature: float | None, top_p: float, top_k: int) -> SamplingConfig:
@@ -96,19 +149,21 @@ def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt_file.read_text(errors="replace")
 
 
-def _summary(engine: Engine, tree: Tree, prefill: float) -> None:
+def _summary(engine: Engine, prefill: float, dtype: str) -> None:
     stats, parts = engine.stats, engine.timer.breakdown()
-    seconds = parts["step"]
+    seconds, tree = parts["step"], engine.tree
     err_console.print(
         f"{stats.emitted} tokens in {seconds:.2f} s: [bold]{stats.emitted / max(seconds, 1e-9):.1f} tokens/s[/] "
-        f"(prefill {prefill * 1e3:.0f} ms); {stats.steps} steps, tree of {tree.size} nodes, depth {tree.depth}; "
-        f"mean accepted {stats.mean_accepted:.2f} + 1 = {stats.tokens_per_step:.2f} tokens/step",
+        f"(prefill {prefill * 1e3:.0f} ms); {stats.steps} steps in {dtype}, tree of {tree.size} nodes, depth "
+        f"{tree.depth}; mean accepted {stats.mean_accepted:.2f} + 1 = {stats.tokens_per_step:.2f} tokens/step",
         highlight=False,
         soft_wrap=True,
     )
+    for event in engine.replanner.events if engine.replanner else []:
+        err_console.print(f"re-plan: {event}", highlight=False, soft_wrap=True)
     table = Table(title="time per step", title_justify="left")
     for col in ("part", "ms/step", "share"):
         table.add_column(col, justify="right" if col != "part" else "left")
     for name in ("draft", "target", "verify", "cache", "other"):
-        table.add_row(name, f"{parts[name] / stats.steps * 1e3:.2f}", f"{parts[name] / max(seconds, 1e-9):.1%}")
+        table.add_row(name, f"{parts[name] / max(stats.steps, 1) * 1e3:.2f}", f"{parts[name] / max(seconds, 1e-9):.1%}")
     err_console.print(table)

@@ -8,22 +8,22 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sequoia import profiler
+from sequoia import device as devices
 from sequoia.errors import ConfigError
-from sequoia.drafts import DraftSpec
-from sequoia.models import DEFAULT_MODEL, load_model
-from sequoia.figures import profile_png, write_png
-from sequoia.profile import KNEE_FACTOR, LatencyGrid, Profile
+from sequoia.profile import DEFAULT_PREFIXES, DEFAULT_TOKENS, DEFAULT_WIDTHS, KNEE_FACTOR, LatencyGrid, Profile
 from sequoia_cli.common import console, err_console, handles_errors, progress_bar
 
+# Heavy modules (transformers, the profiler) are imported inside the commands that measure, so
+# finding this device's cached profiles takes a fraction of a second.
 app = typer.Typer(help="Measure and inspect device latency profiles.", no_args_is_help=True)
+DEFAULT_TARGET = "smollm2-135m"  # sequoia.models.DEFAULT_MODEL (checked equal by the tests)
 
 
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
 
-MODEL = typer.Option(DEFAULT_MODEL, "--model", help="Alias, .gguf file, model directory or hub id.")
+MODEL = typer.Option(DEFAULT_TARGET, "--model", help="Alias, .gguf file, model directory or hub id.")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or auto.")
 DTYPE = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
 THREADS = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice).")
@@ -34,31 +34,48 @@ WARMUP = typer.Option(2, "--warmup", help="Untimed passes per cell before timing
 @app.command()
 @handles_errors
 def run(
-    out: Path = typer.Option(..., "--out", help="Profile JSON to write (a PNG plot goes next to it)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Profile JSON to write (a PNG plot goes next to it). Without it: this device's "
+        "cached profiles (a quick grid per dtype, measured now where missing)."
+    ),
     model: str = MODEL,
     device: str = DEVICE,
-    dtype: str = DTYPE,
-    prefix: str = typer.Option(_csv(profiler.DEFAULT_PREFIXES), "--prefix", help="Prefix lengths."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 (default: float32 with --out, else every dtype "
+        "this device runs)."
+    ),
+    prefix: str = typer.Option(_csv(DEFAULT_PREFIXES), "--prefix", help="Prefix lengths (with --out)."),
     tokens: str = typer.Option(
-        None, "--tokens", help=f"Token counts (default: {_csv(profiler.DEFAULT_TOKENS)}, capped by the context)."
+        None, "--tokens", help=f"Token counts (with --out; default: {_csv(DEFAULT_TOKENS)}, capped by the context)."
     ),
     repeats: int = REPEATS,
     warmup: int = WARMUP,
     threads: int = THREADS,
     offload: bool = typer.Option(False, "--offload", help="Offload what exceeds GPU memory to CPU (accelerate)."),
     draft: str = typer.Option(
-        None, "--draft", help="Also profile this draft per tree level: early-exit:N or a draft model."
+        None, "--draft", help="Also profile this draft per tree level (with --out: early-exit:N or a draft model; "
+        "without: any draft, its cost cached for this device)."
     ),
-    widths: str = typer.Option(_csv(profiler.DEFAULT_WIDTHS), "--widths", help="Draft level widths."),
+    widths: str = typer.Option(_csv(DEFAULT_WIDTHS), "--widths", help="Draft level widths (with --out)."),
     notes: str = typer.Option("", "--notes", help="Free text stored in the file (e.g. machine load)."),
 ) -> None:
-    """Time one tree-attention forward pass per (prefix length, token count) and save it."""
+    """Time one tree-attention forward pass per (prefix length, token count) and save it: to
+    --out, or into this device's profile cache (what generate, optimize and bench use)."""
+    if out is None:
+        _run_cached(model, device, dtype, threads, draft)
+        return
+    from sequoia import profiler
+    from sequoia.drafts import DraftSpec
+    from sequoia.figures import profile_png, write_png
+    from sequoia.models import load_model
+
     if out.suffix != ".json":
         raise ConfigError(f"--out must name a .json file, got {out}")
+    dtype = dtype or "float32"
     prefixes = _ints(prefix, "--prefix")
     loaded = load_model(model, dtype=dtype, device=device, threads=threads, offload=offload, tokenizer=False)
     context = profiler.model_context(loaded.model)
-    counts = _ints(tokens, "--tokens") if tokens else profiler.fit_tokens(profiler.DEFAULT_TOKENS, prefixes, context)
+    counts = _ints(tokens, "--tokens") if tokens else profiler.fit_tokens(DEFAULT_TOKENS, prefixes, context)
     profiler.check_plan(prefixes, counts, context)
     draft_model = DraftSpec.resolve(draft, model).causal_lm(loaded, dtype=dtype, device=device) if draft else None
     level_widths = _ints(widths, "--widths")
@@ -81,11 +98,68 @@ def run(
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def _run_cached(model: str, device: str, dtype: str | None, threads: int | None, draft: str | None) -> None:
+    """This device's profile of ``model`` in each dtype: cached, else measured now (quick grid)."""
+    import time
+
+    from sequoia import profile_cache as cache
+
+    start = time.perf_counter()
+    fp = cache.here(device, threads)
+    dtypes = [dtype] if dtype else list(fp.get("dtypes") or ["float32"])
+    name = cache.model_name(model)
+    console.print(f"this device: {devices.describe(fp)} (key {devices.fingerprint_key(fp)})", highlight=False)
+    found = {d: cache.read_cached(fp, name, d) for d in dtypes}
+    missing = [d for d, hit in found.items() if hit is None]
+    targets = None
+    if missing or draft:
+        targets = cache.Targets(model, device, threads, tokenizer=False)
+        _warn_if_busy(_load_average())
+    with progress_bar("measuring this device") as report:
+        for d in missing:
+            found[d] = cache.measure_and_cache(targets.get(d), d, report)
+        costs = {}
+        if draft:
+            from sequoia.draft_costs import device_draft_costs
+            from sequoia.drafts import DraftSpec
+
+            costs = device_draft_costs(DraftSpec.resolve(draft, model), model, dtypes, device, targets, report)
+    for d, hit in found.items():
+        how = f"measured now in {hit.seconds:.0f} s" if hit.measured else "cached"
+        console.print(f"{d}: {how}: {hit.path}", highlight=False, soft_wrap=True)
+    for d, c in costs.items():
+        shown = ", ".join(f"{w}: {ms:.2f}" for w, ms in sorted(c.level_ms.items())) or "free"
+        console.print(f"draft {draft} per tree level in {c.dtype or d} ({c.source}), ms by width: {shown}",
+                      highlight=False, soft_wrap=True)
+    _print_side_by_side({d: hit.profile for d, hit in found.items()})
+    console.print(f"cache: {cache.cache_dir() / 'profiles'}"
+                  + (f"; measured {', '.join(missing)} in {time.perf_counter() - start:.0f} s" if missing else ""),
+                  highlight=False, soft_wrap=True)
+
+
+def _load_average() -> float:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0
+
+
 @app.command()
 @handles_errors
-def show(path: Path = typer.Argument(..., help="A sequoia-profile/1 JSON file.")) -> None:
-    """Median latency (IQR) per token count and prefix length, and the knee of each curve."""
-    _print_profile(Profile.load(path))
+def show(
+    path: Path = typer.Argument(..., help="A sequoia-profile/1 JSON file."),
+    device: str = DEVICE,
+    threads: int = THREADS,
+) -> None:
+    """The device it was measured on (fingerprint; whether it is this one), median latency (IQR)
+    per token count and prefix length, and the knee of each curve."""
+    from sequoia.profile_cache import here
+
+    result = Profile.load(path)
+    _print_profile(result)
+    fp = result.fingerprint
+    console.print(f"measured on: {devices.describe(fp) if 'version' in fp else 'no fingerprint recorded'}",
+                  highlight=False, soft_wrap=True)
+    diffs = devices.mismatches(fp, here(device, threads))
+    console.print("for this device: " + ("yes" if not diffs else "no (" + "; ".join(diffs) + ")"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -128,6 +202,9 @@ def check_mask(
     threads: int = THREADS,
 ) -> None:
     """Time the tree-mask forward against a plain causal forward (interleaved)."""
+    from sequoia import profiler
+    from sequoia.models import load_model
+
     loaded = load_model(model, dtype=dtype, device=device, threads=threads, tokenizer=False)
     with progress_bar() as report:
         check = profiler.compare_masks(
@@ -161,6 +238,18 @@ def _print_profile(result: Profile) -> None:
     console.print(f"knee (largest n within {KNEE_FACTOR}x of {result.target.tokens[0]} token): {knees}")
     if result.draft:
         _print_grid(result.draft, f"draft {result.draft.model}, per tree level: median (IQR) ms")
+
+
+def _print_side_by_side(profiles: dict[str, Profile]) -> None:
+    """Median ms per token count at the smallest prefix, one column per dtype, and the knee."""
+    prefix = min(p.target.prefix_lengths[0] for p in profiles.values())
+    table = Table("tokens", *(f"{d} ms" for d in profiles), title=f"this device, prefix {prefix}: median ms")
+    counts = sorted({n for p in profiles.values() for n in p.target.tokens})
+    for n in counts:
+        table.add_row(str(n), *(f"{p.latency(n, prefix):.1f}" if n <= p.target.tokens[-1] else ""
+                                for p in profiles.values()))
+    table.add_row("knee", *(str(p.knee(prefix)) for p in profiles.values()))
+    console.print(table)
 
 
 def _print_grid(grid: LatencyGrid, title: str) -> None:

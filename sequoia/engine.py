@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -34,6 +35,9 @@ from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_fo
 from sequoia.sampling import NodeProbs, SamplingConfig
 from sequoia.tree import Tree
 from sequoia.verify import Acceptance, verify_greedy, verify_sequoia, verify_specinfer
+
+if TYPE_CHECKING:
+    from sequoia.planning import Replanner
 
 VERIFIERS = {"sequoia": verify_sequoia, "specinfer": verify_specinfer}
 STOP_EOS, STOP_LENGTH, STOP_CONTEXT = "eos", "max_new_tokens", "context"
@@ -46,6 +50,7 @@ class StepTimer:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.sync = torch.device(device).type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
+        self.last: dict[str, float] = {}  # seconds per section of the latest step
         self.steps = 0
 
     @contextmanager
@@ -56,7 +61,8 @@ class StepTimer:
         yield
         if self.sync:
             torch.cuda.synchronize()
-        self.totals[name] += time.perf_counter() - start
+        self.last[name] = time.perf_counter() - start
+        self.totals[name] += self.last[name]
 
     def breakdown(self) -> dict[str, float]:
         """Seconds per section over all steps: draft, target, verify, cache, other, step."""
@@ -123,6 +129,7 @@ class Engine:
         max_context: int | None = None,
         seed: int = 0,
         timer: StepTimer | None = None,
+        replanner: Replanner | None = None,
     ) -> None:
         if verifier not in VERIFIERS:
             raise ConfigError(f"unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
@@ -133,6 +140,7 @@ class Engine:
         self.device = model_dtype_device(target)[1]
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.timer = timer or StepTimer(self.device)
+        self.replanner = replanner  # consulted between steps; may change the tree
         self._trees: dict[int, Tree] = {}  # the tree cut to each depth limit met so far
         self._cache: DynamicCache | None = None
         self._root: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prefill's root scores
@@ -216,7 +224,17 @@ class Engine:
             # 5. observe/stats
             self.stats.observe_step(result)
         self.timer.steps += 1
+        # 6. between steps: a plan that measured itself wrong picks another tree
+        if self.replanner is not None and self.stop is None:
+            new_tree = self.replanner.observe(result.tree, result.accepted_nodes, self.timer.last)
+            if new_tree is not None:
+                self.set_tree(new_tree)
         return result
+
+    def set_tree(self, tree: Tree) -> None:
+        """Decode with ``tree`` from the next step on (between steps; the output stays the
+        target's: verification does not depend on the tree's shape)."""
+        self.tree, self._trees = tree, {}
 
     # ------------------------------------------------------------------ step helpers
     def _room(self) -> int:

@@ -14,6 +14,17 @@ from typing import Any
 
 from sequoia.errors import FileFormatError
 
+CACHE_ENV = "SEQUOIA_CACHE"
+
+
+def cache_dir() -> Path:
+    """Root of Sequoia's cache (converted models, this device's profiles): ``$SEQUOIA_CACHE``,
+    else ``$XDG_CACHE_HOME/sequoia``, else ``~/.cache/sequoia``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "sequoia"
+
 
 def read_json(path: str | os.PathLike) -> Any:
     """Load a JSON file, turning a missing or malformed file into :class:`FileFormatError`."""

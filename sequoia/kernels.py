@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sequoia.prepack import can_prepack, prepack_linears
+from sequoia.prepack import can_prepack, packable, prepack_linears
 
 if TYPE_CHECKING:
     from sequoia.kernel_tuning import Calibration
@@ -219,15 +219,12 @@ def use_fast_kernels(model: nn.Module) -> int:
 def fast_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with :func:`use_fast_kernels` applied (the original stays plain,
     e.g. for a ``generate`` baseline); ``model`` itself where nothing would change."""
-    packable = can_prepack() and any(
-        type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
-        for m in model.modules()
-    )
+    packs = can_prepack() and any(packable(m) for m in model.modules())
     from sequoia.kernel_tuning import calibrate  # it imports this module
 
     groups = linear_groups(model)
     calibration = calibrate(model) if groups and _worth_it(model, groups) else None
-    if not packable and (calibration is None or all(set(p) == {"plain"} for p in calibration.plans.values())):
+    if not packs and (calibration is None or all(set(p) == {"plain"} for p in calibration.plans.values())):
         return model
     faster = copy.deepcopy(model)
     prepack_linears(faster)

@@ -46,9 +46,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from sequoia.errors import ConfigError, ModelError
+from sequoia.files import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: the cache root)
 from sequoia.kernels import use_fast_kernels
 
-CACHE_ENV = "SEQUOIA_CACHE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -179,15 +179,6 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch dtype -> the short name used on the command line and in files."""
     return str(dtype).removeprefix("torch.")
-
-
-def cache_dir() -> Path:
-    """Root of Sequoia's cache: ``$SEQUOIA_CACHE``, else ``$XDG_CACHE_HOME/sequoia``, else
-    ``~/.cache/sequoia``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "sequoia"
 
 
 def resolve_spec(spec: str) -> tuple[str, Path | None]:

@@ -196,3 +196,100 @@ def draft_latency_fn(
     else:
         return lambda w: 0.0
     return lambda w: measure(min(w, widest)) * max(w / widest, 1.0)
+
+
+# ---------------------------------------------------------------------------- dtype and tree
+PLAIN_MARGIN = 1.05  # a tree must beat plain decoding by this factor, else decode plainly
+PLAIN = Tree((-1,))  # one node: plain decoding through the engine
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The (dtype, tree) pair with the least predicted time per token on one device, against
+    plain decoding in the fastest dtype; ``reason`` says why, when the plan is plain decoding."""
+
+    dtype: str
+    tree: Tree
+    predicted_ms_per_token: float
+    plain_dtype: str  # the dtype whose one-token forward is fastest
+    plain_ms: float  # its ms per token: the baseline every plan is measured against
+    choices: dict[str, Choice]  # the best trees of every dtype
+    reason: str | None = None  # why plain decoding, when it is
+
+    @property
+    def plain(self) -> bool:
+        return self.tree.size == 1
+
+    @property
+    def speedup(self) -> float:
+        """Predicted speed-up over plain decoding in the fastest dtype."""
+        return self.plain_ms / self.predicted_ms_per_token
+
+    @property
+    def choice(self) -> Choice:
+        return self.choices[self.dtype]
+
+
+def choose_plan(
+    profiles: Mapping[str, Profile],  # dtype -> the target's profile in that dtype, on this device
+    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
+    prefix_len: int = 256,
+    drafts: Mapping[str, DraftLimits] | None = None,  # dtype -> the draft's depth cap and cost
+    max_depth: int = 16,
+    max_size: int | None = None,
+    margin: float = PLAIN_MARGIN,
+) -> Plan:
+    """Pick the dtype and tree with the least predicted time per token (:func:`choose` per
+    dtype), or plain decoding in the fastest dtype when no tree beats it by ``margin``.
+
+    Example: verifying 2 tokens costs twice one token, so nothing pays for a second token::
+
+        >>> profile = Profile(LatencyGrid("m", (256,), (1, 2, 4), samples_for([10, 20, 40])), {}, {})
+        >>> plan = choose_plan({"float32": profile}, [0.6, 0.2])
+        >>> plan.tree.size, plan.reason.split(":")[0]
+        (1, 'plain decoding')
+    """
+    if not profiles:
+        raise ConfigError("the plan needs a profile of at least one dtype")
+    drafts = drafts or {}
+    choices = {
+        dtype: choose(profile, acceptance, prefix_len, None,
+                      None if max_size is None else min(max_size, int(max(profile.target.tokens))),
+                      max_depth, draft=drafts.get(dtype))
+        for dtype, profile in profiles.items()
+    }
+    plain_dtype = min(profiles, key=lambda d: choices[d].autoregressive_ms)
+    plain_ms = choices[plain_dtype].autoregressive_ms
+    trees = [(c.ms_per_token, d, c) for d, ch in choices.items() for c in ch.ranked if c.size > 1]
+    if trees:
+        _, best_dtype, best = min(trees, key=lambda t: t[0])
+        if best.ms_per_token * margin <= plain_ms:
+            return Plan(best_dtype, best.tree, best.ms_per_token, plain_dtype, plain_ms, choices)
+    else:  # every runner-up is one node: no tree to report
+        best_dtype, best = plain_dtype, choices[plain_dtype].best
+    reason = plain_reason(profiles[best_dtype], best, plain_ms, prefix_len, acceptance, margin)
+    return Plan(plain_dtype, PLAIN, plain_ms, plain_dtype, plain_ms, choices, reason)
+
+
+def plain_reason(
+    profile: Profile, best: Candidate, plain_ms: float, prefix_len: int,
+    acceptance: Sequence[float] | np.ndarray, margin: float = PLAIN_MARGIN,
+) -> str:
+    """One line: why no tree pays on this device (what a second token costs, what the draft
+    accepts, and what the best tree would have gained)."""
+    one = profile.latency(1, prefix_len)
+    two = profile.latency(min(2, max(profile.target.tokens)), prefix_len)
+    p1 = float(np.atleast_2d(np.asarray(acceptance, dtype=float))[0, 0])
+    gain = plain_ms / best.ms_per_token
+    draft = f" and a draft level {best.draft_ms / max(best.depth, 1):.1f} ms" if best.draft_ms > 0 else ""
+    dtype = f" in {profile.dtype}" if profile.dtype else ""
+    outcome = ("no tree beats one token per step" if best.size == 1 else
+               f"the best tree ({best.size} nodes, {best.expected_tokens:.2f} tokens/step) would reach only "
+               f"{gain:.2f}x plain decoding (< {margin:.2f}x)")
+    return (f"plain decoding: verifying 2 tokens costs {two / one:.2f}x one token here{dtype}{draft}; "
+            f"with the draft's acceptance (p1 = {p1:.2f}) {outcome}")
+
+
+def samples_for(medians: Sequence[float], repeats: int = 3) -> np.ndarray:  # [1, tokens, repeats]
+    """One prefix row of latency samples all equal to ``medians`` (synthetic profiles)."""
+    return np.repeat(np.asarray(medians, dtype=float)[None, :, None], repeats, axis=2)

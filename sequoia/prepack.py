@@ -16,7 +16,6 @@ would not reach the packed copy, so pack last.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
@@ -64,7 +63,7 @@ def prepack_linears(model: nn.Module) -> int:
     packed: dict[int, PackedLinear] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _packable(child):
+            if packable(child):
                 if id(child) not in packed:
                     packed[id(child)] = PackedLinear(child)
                 setattr(parent, name, packed[id(child)])
@@ -73,18 +72,10 @@ def prepack_linears(model: nn.Module) -> int:
 
 def packed(linear: nn.Linear) -> nn.Module:
     """``linear`` as :func:`prepack_linears` would leave it: packed where that applies."""
-    return PackedLinear(linear) if can_prepack() and _packable(linear) else linear
+    return PackedLinear(linear) if can_prepack() and packable(linear) else linear
 
 
-def prepacked_copy(model: nn.Module) -> nn.Module:
-    """A packed copy of ``model`` (the original stays plain, e.g. for a ``generate`` baseline);
-    ``model`` itself where there is nothing to pack."""
-    if not can_prepack() or not any(_packable(m) for m in model.modules()):
-        return model
-    packed = copy.deepcopy(model)
-    prepack_linears(packed)
-    return packed
 
-
-def _packable(module: nn.Module) -> bool:
+def packable(module: nn.Module) -> bool:
+    """A bfloat16 ``nn.Linear`` on the CPU: what packing applies to."""
     return type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"

@@ -16,10 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from sequoia.device import legacy_fingerprint
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.files import read_json, write_json_atomic
 
 PROFILE_FORMAT = "sequoia-profile/1"
+DEFAULT_PREFIXES = (128, 512, 1024)  # what ``sequoia profile run --out`` measures by default
+DEFAULT_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 KNEE_FACTOR = 1.25
 STATS = ("median", "p25", "p75", "min", "max")
 
@@ -107,6 +111,18 @@ class Profile:
     @property
     def model(self) -> str:
         return self.target.model
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the target ran in (``device.dtype``)."""
+        return self.device.get("dtype")
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The device fingerprint (:mod:`sequoia.device`); for a profile written before
+        fingerprints, what its device section says (the rest counts as unrecorded)."""
+        recorded = self.device.get("fingerprint")
+        return dict(recorded) if isinstance(recorded, dict) else legacy_fingerprint(self.device)
 
     def latency(self, tokens: float, prefix_len: float) -> float:
         """Target forward latency (ms) for verifying ``tokens`` tree tokens after ``prefix_len``."""

@@ -31,17 +31,15 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from sequoia.device import fingerprint
 from sequoia.errors import ConfigError
 from sequoia import kernels
 from sequoia.forward import cache_kwargs, keep_path, model_dtype_device, tree_forward
 from sequoia.models import dtype_name
 from sequoia.prepack import PackedLinear
-from sequoia.profile import LatencyGrid, Profile
+from sequoia.profile import DEFAULT_PREFIXES, DEFAULT_TOKENS, DEFAULT_WIDTHS, LatencyGrid, Profile  # noqa: F401
 from sequoia.tree import Tree
 
-DEFAULT_PREFIXES = (128, 512, 1024)
-DEFAULT_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 TREE_BRANCHING = 4  # representative tree: complete 4-ary, BFS order
 
 Progress = Callable[[int, int, str], None]  # (passes done, passes in total, what runs now)
@@ -212,11 +210,13 @@ def compare_masks(
 
 # ---------------------------------------------------------------------------- the document
 def describe_device(model: PreTrainedModel) -> dict[str, Any]:
-    """Where and how the model runs: device name, CPU model, threads, versions, dtype, and how
-    many linear layers run from packed weights (:mod:`sequoia.prepack`)."""
+    """Where and how the model runs: device name, CPU model, threads, versions, dtype, how
+    many linear layers run from packed weights (:mod:`sequoia.prepack`), and the device's
+    fingerprint (:func:`sequoia.device.fingerprint`: what must match to reuse the profile)."""
     dtype, device = model_dtype_device(model)
     cpu = _cpu_model()
     return {
+        "fingerprint": fingerprint(device),
         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "type": device.type,
         "cpu_model": cpu,

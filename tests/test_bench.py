@@ -107,7 +107,7 @@ def test_report_files(tmp_path):
         }],
     }
     text = markdown(report)
-    assert "| sequoia (3 nodes, depth 2) | 14.0 (13.0–15.0) | 1.40x | 1.70 | 1.75 |" in text
+    assert "| sequoia (3 nodes, depth 2) | 14.0 (13.0–15.0) | 1.40x | 1.70 | 1.75 |  |  |" in text
     assert "depth 2: p[1] = 0.250 (5 positions)" in text
     assert "all methods, every prompt" in text
     assert "Note: hf-assisted not run" in text
@@ -124,6 +124,7 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     from word_tokenizer import word_tokenizer
 
     from sequoia.bench.runner import BenchConfig, benchmark
+    from sequoia.device import fingerprint
     from sequoia.drafts.card import save_draft, update_card
     from sequoia.profile import LatencyGrid, Profile
 
@@ -131,13 +132,15 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     target.save_pretrained(tmp_path / "target")
     word_tokenizer().save_pretrained(tmp_path / "target")
     save_draft(random_draft("mlp", target, heads=2), tmp_path / "mlp", "tiny")
-    update_card(tmp_path / "mlp", {"evaluation": {"cost_ms_per_level": {"1": 0.5, "16": 1.0}}})
+    update_card(tmp_path / "mlp", {"evaluation": {"cost_ms_per_level": {"1": 0.5, "16": 1.0}, "cost_dtype": "bfloat16",
+                                                  "cost_fingerprint": fingerprint("cpu")}})
     samples = np.array([10.0, 10.1, 10.2, 10.3])[None, :, None].repeat(3, axis=2)  # wide trees are free
     name = str((tmp_path / "target").resolve())
-    Profile(LatencyGrid(name, (64,), (1, 8, 16, 32), samples), {"name": "test"}, {}).save(tmp_path / "profile.json")
+    device = {"name": "test", "dtype": "float32", "fingerprint": fingerprint("cpu")}
+    Profile(LatencyGrid(name, (64,), (1, 8, 16, 32), samples), device, {}).save(tmp_path / "profile.json")
     (tmp_path / "prompts.txt").write_text("w3 w1 w4 w1 w5\nw9 w2 w6 w5 w3 w5\n")
     config = BenchConfig(
-        profile=str(tmp_path / "profile.json"), target=name, draft=str(tmp_path / "mlp"), assistant="early-exit:1",
+        profile=(str(tmp_path / "profile.json"),), target=name, draft=str(tmp_path / "mlp"), assistant="early-exit:1",
         dtypes=("float32",), engine_dtype="float32", prompts=str(tmp_path / "prompts.txt"), limit=2,
         max_new_tokens=8, chat=False, temperatures=(0.0,), acceptance_tokens=8,
     )
@@ -163,3 +166,31 @@ def test_baseline_trees_keep_to_the_drafts_depth(models):
                           max_depth=2)
     assert max(m.tree.depth for m in free) == 11  # the best chain of 12 nodes
     assert [m.tree.depth for m in capped] == [2, 2, 2, 2] and all(m.tree.size <= 12 for m in capped)
+
+
+def test_agreement_lines_tell_bfloat16_rounding_from_a_float32_bug():
+    from sequoia.bench.report import agreement_lines
+
+    agreement = {
+        "sequoia (4 nodes, depth 2)": {"reference": "generate bfloat16", "identical": False,
+                                       "mismatched_prompts": [0, 2], "first_difference_at": [28, 21]},
+        "hf-prompt-lookup": {"reference": "generate bfloat16", "identical": False, "mismatched_prompts": [1],
+                             "first_difference_at": [37]},
+        "chain (4 nodes, depth 3)": {"reference": "generate float32", "identical": True, "mismatched_prompts": [],
+                                     "first_difference_at": []},
+    }
+    same, bf16 = agreement_lines(agreement)
+    assert same.endswith(": chain (4 nodes, depth 3).")
+    assert bf16.startswith("First divergence from generate bfloat16: sequoia: prompt 0 @ token 28, prompt 2 @ token 21; "
+                           "hf-prompt-lookup: prompt 1 @ token 37 -- ")
+    agreement["chain (4 nodes, depth 3)"].update(identical=False, mismatched_prompts=[1], first_difference_at=[5])
+    assert agreement_lines(agreement)[-1].startswith("DIFFERENT from generate float32")
+    assert agreement_lines(None) == []
+
+
+def test_a_plain_plan_runs_one_engine_row(models):
+    target = models[0]
+    methods = tree_methods(target, NgramProposer, Tree((-1,)), GREEDY.acceptance, GREEDY.sampling, (), "float32",
+                           latency=(lambda n: 30.0 * n, lambda w: 0.0))
+    (only,) = methods
+    assert only.name == "sequoia (1 nodes, depth 0)" and only.predicted_ms_per_token == 30.0

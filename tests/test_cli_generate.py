@@ -52,7 +52,8 @@ def _greedy_text(target_dir: str, max_new_tokens: int) -> str:
 @pytest.mark.parametrize("draft", ["ngram", "none", "draft", "early-exit:1"])
 def test_greedy_output_equals_generate(dirs, draft):
     spec = dirs.get(draft, draft)
-    result = _run("--target", dirs["target"], "--draft", spec, "--prompt", PROMPT, "--max-new-tokens", "20")
+    result = _run("--target", dirs["target"], "--draft", spec, "--dtype", "float32", "--prompt", PROMPT,
+                  "--max-new-tokens", "20")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == _greedy_text(dirs["target"], 20)
     assert "tokens/s" in result.stderr and "tokens/step" in result.stderr
@@ -84,7 +85,7 @@ def _prompt_file(tmp_path):
 
 def test_stochastic_is_reproducible_with_a_seed(dirs):
     args = ["--target", dirs["target"], "--draft", dirs["draft"], "--prompt", PROMPT, "--max-new-tokens", "12",
-            "--temperature", "0.8", "--top-p", "0.9"]
+            "--temperature", "0.8", "--top-p", "0.9", "--no-replan"]  # a tree chosen by timing would vary
     first, second = _run(*args, "--seed", "5"), _run(*args, "--seed", "5")
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout and len(first.stdout.split()) == 12
@@ -149,3 +150,50 @@ def test_acceptance_by_depth_cli(dirs, tmp_path):
     assert acc.depth_samples[1] >= 30 and "depth 2: first candidate 1.0000" in result.stdout
     bad = CliRunner().invoke(app, ["acceptance", "--target", dirs["target"], "--depth", "0", "--out", str(tmp_path / "b.json")])
     assert_user_error(bad, "--width and --depth", tmp_path / "b.json")
+
+
+def _cache_profiles(target_dir: str, medians: dict[str, list[float]]) -> None:
+    """This device's cached profiles of the target, as if measured here."""
+    import numpy as np
+
+    from sequoia.device import fingerprint
+    from sequoia.profile import LatencyGrid, Profile
+    from sequoia.profile_cache import model_name, profile_path
+
+    fp = fingerprint("cpu")
+    for dtype, ms in medians.items():
+        samples = np.repeat(np.asarray(ms, dtype=float)[None, :, None], 3, axis=2)
+        grid = LatencyGrid(model_name(target_dir), (64,), (1, 2, 4, 8, 16), samples)
+        Profile(grid, {"dtype": dtype, "fingerprint": fp}, {}).save(profile_path(fp, model_name(target_dir), dtype))
+
+
+def test_without_tree_options_the_plan_picks_dtype_and_tree_for_this_device(tmp_path):
+    target = _model_dir(tmp_path / "planned", 0)
+    _cache_profiles(target, {"float32": [10, 20, 40, 80, 160], "bfloat16": [12, 12.2, 12.4, 12.8, 13.6]})
+    result = _run("--target", target, "--draft", "ngram", "--prompt", PROMPT, "--max-new-tokens", "8", "--no-replan")
+    assert result.exit_code == 0, result.output
+    assert "plan: bfloat16, tree of" in result.stderr and "float32 cached, bfloat16 cached" in result.stderr
+    assert "steps in bfloat16" in result.stderr
+    forced = _run("--target", target, "--draft", "ngram", "--dtype", "float32", "--prompt", PROMPT,
+                  "--max-new-tokens", "8")
+    assert forced.exit_code == 0, forced.output
+    assert "plan: plain decoding in float32" in forced.stderr and "verifying 2 tokens costs 2.00x" in forced.stderr
+    assert forced.stdout.strip() == _greedy_text(target, 8)
+
+
+def test_a_foreign_profile_is_refused_in_one_line(dirs, tmp_path):
+    import numpy as np
+
+    from sequoia.device import fingerprint
+    from sequoia.profile import LatencyGrid, Profile
+    from sequoia.profile_cache import model_name
+
+    samples = np.repeat(np.asarray([10.0, 10.5, 11.0])[None, :, None], 3, axis=2)
+    other = {**fingerprint("cpu"), "cpu_model": "Intel(R) Xeon(R) Processor", "isa_flags": ["avx512f", "amx_bf16"]}
+    grid = LatencyGrid(model_name(dirs["target"]), (64,), (1, 2, 4), samples)
+    Profile(grid, {"dtype": "bfloat16", "fingerprint": other}, {}).save(tmp_path / "xeon.json")
+    result = _run("--target", dirs["target"], "--draft", "ngram", "--profile", str(tmp_path / "xeon.json"),
+                  "--prompt", PROMPT)
+    assert_user_error(result, "measured on another device")
+    assert result.stdout == ""
+    assert "cpu_model: Intel(R) Xeon(R) Processor (recorded)" in result.stderr

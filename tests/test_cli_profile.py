@@ -95,3 +95,19 @@ def test_show_rejects_other_files(tmp_path):
     (tmp_path / "t.json").write_text('{"format": "sequoia-tree/1", "parents": [-1]}')
     result = invoke("profile", "show", tmp_path / "t.json")
     assert_user_error(result, "not a sequoia-profile/1 document")
+
+
+def test_run_without_out_fills_this_devices_cache_once(tiny_dir):
+    from sequoia.models import DEFAULT_MODEL
+    from sequoia_cli.profile import DEFAULT_TARGET
+
+    assert DEFAULT_TARGET == DEFAULT_MODEL
+    first = invoke("profile", "run", "--model", tiny_dir, "--dtype", "float32", "--draft", "early-exit:1")
+    assert first.exit_code == 0, first.output
+    assert "this device:" in first.output and "float32: measured now" in first.output
+    assert "draft early-exit:1 per tree level in float32 (measured)" in first.output
+    again = invoke("profile", "run", "--model", tiny_dir, "--dtype", "float32")
+    assert again.exit_code == 0 and "float32: cached" in again.output
+    path = again.output.split("float32: cached: ")[1].split()[0]
+    shown = invoke("profile", "show", path)
+    assert shown.exit_code == 0 and "measured on: " in shown.output and "for this device: yes" in shown.output

@@ -320,7 +320,8 @@ def test_draft_limits_come_from_the_card(tiny_target, tmp_path):
     save_draft(random_draft("mlp", tiny_target, heads=3), tmp_path / "d", "tiny")
     assert DraftSpec.resolve(tmp_path / "d", "tiny").limits == DraftLimits(3, {})  # not evaluated yet: cost unknown
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 1.25, "16": 1.8}}})
-    assert DraftSpec.resolve(tmp_path / "d", "tiny").limits == DraftLimits(3, {1: 1.25, 16: 1.8})
+    # the card's cost is priced per device (tests/test_profile_cache.py), never carried as a limit
+    assert DraftSpec.resolve(tmp_path / "d", "tiny").limits == DraftLimits(3, {})
     assert DraftSpec.resolve("ngram", "tiny").limits == DraftSpec.resolve("early-exit:4", "tiny").limits == DraftLimits()
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"one": "fast"}}})
     with pytest.raises(FileFormatError, match="cost_ms_per_level"):

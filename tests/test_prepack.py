@@ -12,7 +12,8 @@ from sequoia import prepack
 from sequoia.drafts import NgramProposer
 from sequoia.engine import Engine
 from sequoia.models import tiny_llama
-from sequoia.prepack import PackedLinear, can_prepack, prepack_linears, prepacked_copy
+from sequoia.kernels import fast_copy
+from sequoia.prepack import PackedLinear, can_prepack, prepack_linears
 from sequoia.tree import Tree
 
 needs_onednn = pytest.mark.skipif(not can_prepack(), reason="this torch has no oneDNN bfloat16 linear")
@@ -84,9 +85,9 @@ def test_leaves_float32_and_unsupported_builds_alone(monkeypatch):
 
 
 @needs_onednn
-def test_prepacked_copy_leaves_the_original_plain():
+def test_fast_copy_leaves_the_original_plain():
     plain = tiny_llama().to(torch.bfloat16)
-    packed = prepacked_copy(plain)
+    packed = fast_copy(plain)
     assert packed is not plain and isinstance(packed.lm_head, PackedLinear) and type(plain.lm_head) is nn.Linear
     fp32 = tiny_llama()
-    assert prepacked_copy(fp32) is fp32
+    assert fast_copy(fp32) is fp32

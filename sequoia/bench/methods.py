@@ -24,7 +24,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,9 +33,13 @@ from transformers import PreTrainedModel
 from sequoia.drafts.base import NoDraft, Proposer
 from sequoia.engine import Engine
 from sequoia.errors import ConfigError
+from sequoia.optimizer import LatencyFn, evaluate
 from sequoia.sampling import SamplingConfig
 from sequoia.solver import best_baseline, expected_tokens
 from sequoia.tree import Tree
+
+if TYPE_CHECKING:
+    from sequoia.planning import Replanner
 
 BASELINE_SHAPES = {"chain": "chain", "k-ary": "kary", "k-chains": "chains"}
 PROMPT_LOOKUP_TOKENS = 10
@@ -49,6 +53,7 @@ class Run:
     tokens: list[int]
     seconds: float
     steps: int  # target forwards that produced tokens
+    decode_seconds: float | None = None  # the engine's decode steps alone (no prefill); None for HF
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,7 +64,7 @@ class Run:
         return len(self.tokens) / max(self.steps, 1)
 
 
-Runner = Callable[[torch.Tensor, int], tuple[list[int], int]]  # (prompt [L], max new) -> (tokens, steps)
+Runner = Callable[[torch.Tensor, int], tuple]  # (prompt [L], max new) -> (tokens, steps[, decode seconds])
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Method:
     group: str | None
     tree: Tree | None = None
     predicted_tokens_per_step: float | None = None
+    predicted_ms_per_token: float | None = None  # the profile's prediction of a decode step's time per token
 
 
 @dataclass
@@ -82,6 +88,8 @@ class MethodResult:
     def summary(self, baseline_tps: float | None) -> dict[str, Any]:
         tps = [r.tokens_per_second for r in self.runs]
         med = statistics.median(tps)
+        decode = [r.decode_seconds for r in self.runs if r.decode_seconds is not None]
+        decoded = sum(len(r.tokens) for r in self.runs if r.decode_seconds is not None)
         return {
             "method": self.method.name,
             "tokens_per_s": med,
@@ -90,6 +98,8 @@ class MethodResult:
             "speedup": med / baseline_tps if baseline_tps else None,
             "tokens_per_step": sum(len(r.tokens) for r in self.runs) / max(sum(r.steps for r in self.runs), 1),
             "predicted_tokens_per_step": self.method.predicted_tokens_per_step,
+            "ms_per_token": 1e3 * sum(decode) / decoded if decode and decoded else None,
+            "predicted_ms_per_token": self.method.predicted_ms_per_token,
             "tree_size": self.method.tree.size if self.method.tree else None,
             "tree_depth": self.method.tree.depth if self.method.tree else None,
         }
@@ -131,11 +141,13 @@ def hf_runner(model: PreTrainedModel, sampling: SamplingConfig, eos: Sequence[in
 
 
 def engine_runner(engine: Engine) -> Runner:
-    """This project's engine as a :data:`Runner` (steps = engine steps, prefill excluded)."""
+    """This project's engine as a :data:`Runner` (steps = engine steps, prefill excluded; the
+    decode steps' own seconds too, what the profile predicts)."""
 
-    def run(prompt: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+    def run(prompt: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int, float]:
+        before = engine.timer.totals["step"]
         tokens = [t for step in engine.generate(prompt, max_new_tokens) for t in step.tokens]
-        return tokens, engine.stats.steps
+        return tokens, engine.stats.steps, engine.timer.totals["step"] - before
 
     return run
 
@@ -150,20 +162,29 @@ def tree_methods(
     group: str,
     seed: int = 0,
     max_depth: int | None = None,
+    replanner: Replanner | None = None,
+    latency: tuple[LatencyFn, LatencyFn] | None = None,
 ) -> list[Method]:
     """The optimizer's tree and the best chain, k-ary and k-chains trees within its size (and
-    ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads)."""
+    ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads); only the
+    first when it is one node (plain decoding: the others would be the same). ``replanner``
+    goes with the optimizer's tree, as in ``sequoia generate``; ``latency`` (target ms by
+    tokens, draft ms by level width) predicts each tree's time per token."""
     trees = {"sequoia": sequoia_tree}
     depth = max(sequoia_tree.size - 1, 0)
     if max_depth is not None:
         depth = min(depth, max_depth)
     for label, shape in BASELINE_SHAPES.items():
-        trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, depth)
+        if sequoia_tree.size > 1:
+            trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, depth)
     methods = []
     for label, tree in trees.items():
-        engine = Engine(target, proposer_factory(), tree, sampling, eos_token_ids=eos, seed=seed)
+        engine = Engine(target, proposer_factory(), tree, sampling, eos_token_ids=eos, seed=seed,
+                        replanner=replanner if label == "sequoia" else None)
         name = f"{label} ({tree.size} nodes, depth {tree.depth})"
-        methods.append(Method(name, engine_runner(engine), group, tree, expected_tokens(tree, acceptance)))
+        expected = expected_tokens(tree, acceptance)
+        predicted = evaluate(tree, expected, *latency).ms_per_token if latency else None
+        methods.append(Method(name, engine_runner(engine), group, tree, expected, predicted))
     return methods
 
 
@@ -192,10 +213,10 @@ def run_bench(
                 progress(done, total, method.name)
             torch.manual_seed(1000 + p)
             start = time.perf_counter()
-            tokens, steps = method.run(prompt, max_new_tokens)
+            tokens, steps, *decode = method.run(prompt, max_new_tokens)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            results[index].runs.append(Run(tokens, time.perf_counter() - start, steps))
+            results[index].runs.append(Run(tokens, time.perf_counter() - start, steps, *decode))
             done += 1
     if progress is not None:
         progress(done, total, "done")
@@ -249,9 +270,11 @@ def setting_methods(
     eos: Sequence[int],
     assistant: PreTrainedModel | None,
     max_depth: int | None = None,
+    replanner: Replanner | None = None,
+    latency: tuple[LatencyFn, LatencyFn] | None = None,
 ) -> list[Method]:
     """Every method for one setting: ``generate`` per dtype, the HF peers, this engine without a
-    draft (what the engine alone gains), and the trees."""
+    draft (what the engine alone gains), and the trees (see :func:`tree_methods`)."""
     target = targets[engine_dtype]
     methods = [Method(f"generate {d}", hf_runner(m, setting.sampling, eos), d) for d, m in targets.items()]
     if assistant is not None:
@@ -260,7 +283,8 @@ def setting_methods(
     methods.append(Method("hf-prompt-lookup", hf_runner(
         target, setting.sampling, eos, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS), engine_dtype))
     alone = Engine(engine_target, NoDraft(), Tree((-1,)), setting.sampling, eos_token_ids=eos)
-    methods.append(Method(ENGINE_ALONE, engine_runner(alone), engine_dtype, alone.tree, 1.0))
+    methods.append(Method(ENGINE_ALONE, engine_runner(alone), engine_dtype, alone.tree, 1.0,
+                          latency[0](1.0) if latency else None))
     methods += tree_methods(engine_target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
-                            engine_dtype, max_depth=max_depth)
+                            engine_dtype, max_depth=max_depth, replanner=replanner, latency=latency)
     return methods

@@ -1,19 +1,21 @@
 """``sequoia bench``: measure -> solve -> decode, every method side by side; write ``results/``.
 
-For each sampling setting (greedy, and each temperature) the benchmark takes the acceptance
-vector (measured here on the benchmark prompts unless given; per tree depth for a trained
-draft, whose deeper heads are less accurate -- :func:`sequoia.acceptance.measure_counts_by_depth`),
-asks the optimizer for the
-fastest tree on the profiled device, builds the best chain, k-ary and k-chains trees of the
-same size, and runs them against Hugging Face ``generate`` (each dtype), assisted generation
-and prompt lookup on the same prompts, interleaved (:mod:`sequoia.bench.methods`). The report holds
-every run, the medians, the speed-ups over the fastest plain ``generate``, measured against
-predicted tokens/step, and the greedy token-for-token agreement check.
+For each sampling setting (greedy, and each temperature) the benchmark measures the acceptance
+vector on the benchmark prompts (per tree depth for a trained draft, whose deeper heads are less
+accurate -- :func:`sequoia.acceptance.measure_counts_by_depth`), asks for this device's plan
+(:func:`sequoia.planning.plan_on_device`: the dtype and tree with the least predicted time per
+token from this device's profiles, cached or measured now; plain decoding when no tree pays),
+builds the best chain, k-ary and k-chains trees of the same size, and runs them against Hugging
+Face ``generate`` (each dtype), assisted generation and prompt lookup on the same prompts,
+interleaved (:mod:`sequoia.bench.methods`). The report holds every run, the medians, the
+speed-ups over the fastest plain ``generate``, predicted against measured tokens/step and time
+per token, and the greedy token-for-token agreement check.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -21,17 +23,19 @@ from typing import Any
 
 import torch
 
+from sequoia import device as devices
 from sequoia.acceptance import measure_counts_by_depth, rates_by_depth
-from sequoia.drafts import DraftSpec, LMProposer, Proposer
-from sequoia.models import eos_token_ids
-from sequoia.errors import ConfigError
 from sequoia.bench.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
-from sequoia.models import DEFAULT_MODEL, load_model
-from sequoia.optimizer import choose
+from sequoia.drafts import DraftSpec, LMProposer, NoDraft, Proposer
+from sequoia.errors import ConfigError
+from sequoia.models import DEFAULT_MODEL, eos_token_ids, load_model
+from sequoia.planning import plan_on_device
 from sequoia.kernels import fast_copy
 from sequoia.profile import Profile
+from sequoia.profile_cache import Targets, check_profile, here
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.sampling import SamplingConfig
+from sequoia.solver import expected_tokens
 from sequoia.tree import Tree
 
 RESULT_FORMAT = "sequoia-bench/1"
@@ -42,14 +46,15 @@ Progress = Callable[[int, int, str], None]
 class BenchConfig:
     """Everything a benchmark run depends on (stored in the result for reproducibility)."""
 
-    profile: str  # target profile (sequoia-profile/1) in the engine's dtype
+    profile: tuple[str, ...] = ()  # target profiles (one per dtype); (): this device's, cached or measured now
     target: str = DEFAULT_MODEL
     draft: str | None = None  # None: the target's default draft (see DraftSpec.resolve)
     draft_profile: str | None = None
     assistant: str | None = None  # causal-LM draft for HF assisted generation when ``draft`` is not one
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines
-    engine_dtype: str = "bfloat16"  # the engine's and the HF peers' target dtype
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines (and the dtypes planned over)
+    engine_dtype: str | None = None  # the engine's and the HF peers' dtype; None: the plan's choice
     device: str = "cpu"
+    threads: int | None = None
     prompts: str = "builtin"
     limit: int | None = 6
     max_new_tokens: int = 64
@@ -60,52 +65,46 @@ class BenchConfig:
     acceptance_tokens: int = 32
     max_depth: int = 12
     tree: str | None = None  # a fixed tree instead of the optimizer's
+    foreign_profile: bool = False  # accept profiles of another device
+    replan: bool = True  # the Sequoia row re-plans as generate does
     seed: int = 0
 
 
 def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
     draft = DraftSpec.resolve(config.draft, config.target)
-    config = replace(config, draft=draft.name)
+    config = replace(config, draft=draft.name, profile=tuple(config.profile))
+    load_before = _load_average()
     limits = draft.limits
     max_depth = limits.cap(config.max_depth)
-    if config.engine_dtype not in config.dtypes:
+    if config.engine_dtype is not None and config.engine_dtype not in config.dtypes:
         raise ConfigError(f"the engine dtype {config.engine_dtype} must be one of --dtypes {config.dtypes}")
-    profile = Profile.load(config.profile)
-    draft_profile = Profile.load(config.draft_profile) if config.draft_profile else None
     fixed_tree = Tree.load(config.tree) if config.tree else None
-    targets = {d: load_model(config.target, dtype=d, device=config.device, prepack=False) for d in config.dtypes}
-    main = targets[config.engine_dtype]
-    engine_main = replace(main, model=fast_copy(main.model))
-    if profile.model != main.name:
-        raise ConfigError(f"{config.profile} profiles {profile.model!r}, not the target {main.name!r}")
+    engines = Targets(config.target, config.device, config.threads)
+    targets = {d: load_model(config.target, dtype=d, device=config.device, threads=config.threads, prepack=False)
+               for d in config.dtypes}
+    for d, loaded in targets.items():  # the engine runs the same weights, packed where that helps
+        engines.models[d] = replace(loaded, model=fast_copy(loaded.model))
+    main = next(iter(targets.values()))
+    fp = here(config.device)
+    notes: list[str] = []
+    planned_dtypes = [config.engine_dtype] if config.engine_dtype else [d for d in fp.get("dtypes", ()) if d in config.dtypes]
+    planned_dtypes = planned_dtypes or list(config.dtypes[:1])
     prompt_set = load_prompts(config.prompts, config.limit)
     prompts = [torch.tensor(render_prompt(main.tokenizer, p.text, config.chat)) for p in prompt_set]
     eos = eos_token_ids(main.model, main.tokenizer)
-    probe = draft.proposer(engine_main, dtype=config.engine_dtype, device=config.device)
-    shared = probe.model if isinstance(probe, LMProposer) else None
-    assistant_spec = config.draft if shared is not None else config.assistant
-    assistant = None
-    if assistant_spec is not None:  # HF's peers run plain models, as their users would
-        assistant = DraftSpec.resolve(assistant_spec, config.target).causal_lm(
-            main, dtype=config.engine_dtype, device=config.device
-        )
-
-    def factory() -> Proposer:
-        """A fresh proposer per engine; an LM draft's weights are loaded once and shared."""
-        if shared is not None:
-            return LMProposer(shared)
-        return draft.proposer(engine_main, dtype=config.engine_dtype, device=config.device)
+    proposers = _Proposers(draft, engines, config)
     prefix_len = int(sum(len(p) for p in prompts) / len(prompts) + config.max_new_tokens / 2)
-    notes = []
-    if engine_main.model is not main.model:
+    level_ms = _draft_profile_costs(config, prefix_len, fp, notes) if config.draft_profile else None
+    measure_dtype = config.engine_dtype or ("float32" if "float32" in config.dtypes else config.dtypes[0])
+    if any(engines.models[d].model is not targets[d].model for d in config.dtypes):
         notes.append("the engine (`engine, no draft` and the tree rows) runs the target with its linear weights "
                      "packed once or on the kernels measured fastest here (sequoia.prepack, sequoia.kernels); `generate` "
                      "and the HF peers run the model as Hugging Face loads it")
-    if assistant is None:
+    if proposers.assistant(measure_dtype) is None:
         notes.append(f"hf-assisted not run: the draft {config.draft!r} is not a causal LM (assisted generation "
                      "needs one: pass --assistant early-exit:N or a draft model)")
-    elif shared is None:
+    elif proposers.shared(measure_dtype) is None:
         notes.append(f"hf-assisted drafts with {config.assistant!r} (the tree draft {config.draft!r} is not a causal LM)")
 
     sections = []
@@ -113,16 +112,27 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         sampling = SamplingConfig(temperature, config.top_p if temperature else 1.0)
         label = "greedy" if sampling.greedy else f"T={temperature:g}" + (f", top-p={config.top_p:g}" if config.top_p < 1 else "")
         counts, samples = measure_counts_by_depth(
-            engine_main.model, factory(), prompts, config.acceptance_width, sampling,
-            1 if limits.max_depth is None else max(max_depth, 1), config.acceptance_tokens, eos, config.seed,
+            engines.get(measure_dtype).model, proposers.factory(measure_dtype)(), prompts, config.acceptance_width,
+            sampling, 1 if limits.max_depth is None else max(max_depth, 1), config.acceptance_tokens, eos, config.seed,
         )
         rates = rates_by_depth(counts, samples)
         setting = Setting(label, sampling, rates if len(rates) > 1 else rates[0])
-        choice = choose(profile, setting.acceptance, prefix_len, draft_profile, max_depth=config.max_depth,
-                        draft=limits)
-        tree = fixed_tree or choice.best.tree
-        methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, config.engine_dtype,
-                                  engine_main.model, factory, tree, eos, assistant, limits.max_depth)
+        planned = plan_on_device(
+            config.target, draft, setting.acceptance, "measured on the bench prompts", planned_dtypes,
+            config.device, engines, prefix_len, config.max_depth, config.profile, config.foreign_profile,
+            progress, notes.append, level_ms=level_ms,
+        )
+        plan = planned.plan
+        tree = fixed_tree or plan.tree
+        dtype = plan.dtype
+        if tree.size == 1 and draft.kind != "none" and fixed_tree is None:
+            notes.append(f"{label}: {plan.reason}")
+        factory = NoDraft if tree.size == 1 else proposers.factory(dtype)
+        target_ms, draft_ms = planned.latency_fns(dtype)
+        replanner = planned.replanner() if config.replan and fixed_tree is None else None
+        methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, dtype,
+                                  engines.get(dtype).model, factory, tree, eos, proposers.assistant(dtype),
+                                  limits.max_depth, replanner=replanner, latency=(target_ms, draft_ms))
         step = (lambda done, total, name, lbl=label: progress(done, total, f"{lbl}: {name}")) if progress else None
         results = run_bench(methods, prompts, config.max_new_tokens, prompts[0][:8], step)
         baselines = [f"generate {d}" for d in config.dtypes]
@@ -130,28 +140,79 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "setting": label,
             "temperature": temperature,
             "top_p": sampling.top_p,
-            "acceptance": {"vector": rates[0].tolist(), "samples": int(samples[0]),
+            "acceptance": {"vector": rates[0].tolist(), "samples": int(samples[0]), "measured_in": measure_dtype,
                            "by_depth": rates.tolist(), "depth_samples": samples.tolist()},
-            "optimizer": {"size": choice.best.size, "depth": choice.best.depth,
-                          "predicted_tokens_per_step": choice.best.expected_tokens,
-                          "predicted_speedup": choice.speedup},
+            "optimizer": {"dtype": dtype, "size": tree.size, "depth": tree.depth,
+                          "predicted_tokens_per_step": float(expected_tokens(tree, setting.acceptance)),
+                          "predicted_ms_per_token": plan.predicted_ms_per_token,
+                          "predicted_speedup": plan.speedup, "plain_dtype": plan.plain_dtype,
+                          "plain_ms_per_token": plan.plain_ms, "reason": plan.reason,
+                          "profiles": {d: {"path": str(c.path), "measured_now": c.measured}
+                                       for d, c in planned.profiles.items()},
+                          "draft_costs": {d: c.source for d, c in planned.draft_costs.items()},
+                          "replans": replanner.events if replanner else []},
             "summary": summarize(results, baselines),
             "greedy_agreement": greedy_agreement(results, {d: f"generate {d}" for d in config.dtypes})
             if sampling.greedy else None,
-            "runs": {r.method.name: [{"new_tokens": len(x.tokens), "seconds": x.seconds, "steps": x.steps}
+            "runs": {r.method.name: [{"new_tokens": len(x.tokens), "seconds": x.seconds, "steps": x.steps,
+                                      "decode_seconds": x.decode_seconds}
                                      for x in r.runs] for r in results},
         })
     return {
         "format": RESULT_FORMAT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": config.device},
+        "machine": {"platform": platform.platform(), "processor": devices.describe(fp),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": config.device,
+                    "fingerprint": fp, "fingerprint_key": devices.fingerprint_key(fp),
+                    "load_average": {"before": load_before, "after": _load_average()}},
         "config": asdict(config),
         "prompts": [p.id for p in prompt_set],
         "notes": notes,
         "sections": sections,
     }
 
+
+def _load_average() -> float:
+    """The 1-minute load average: a shared machine's other work moves every timing."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0
+
+
+class _Proposers:
+    """The draft per engine dtype: a fresh proposer per engine, an LM draft's weights loaded
+    once per dtype and shared; and HF assisted generation's causal-LM draft."""
+
+    def __init__(self, draft: DraftSpec, engines: Targets, config: BenchConfig) -> None:
+        self.draft, self.engines, self.config = draft, engines, config
+        self._shared: dict[str, Any] = {}
+        self._assistants: dict[str, Any] = {}
+
+    def shared(self, dtype: str):
+        if dtype not in self._shared:
+            probe = self.draft.proposer(self.engines.get(dtype), dtype=dtype, device=self.config.device)
+            self._shared[dtype] = probe.model if isinstance(probe, LMProposer) else None
+        return self._shared[dtype]
+
+    def factory(self, dtype: str) -> Callable[[], Proposer]:
+        shared = self.shared(dtype)
+        if shared is not None:
+            return lambda: LMProposer(shared)
+        return lambda: self.draft.proposer(self.engines.get(dtype), dtype=dtype, device=self.config.device)
+
+    def assistant(self, dtype: str):
+        """HF's peers run plain models, as their users would."""
+        if dtype not in self._assistants:
+            spec = self.config.draft if self.shared(dtype) is not None else self.config.assistant
+            self._assistants[dtype] = None if spec is None else DraftSpec.resolve(spec, self.config.target).causal_lm(
+                self.engines.get(dtype), dtype=dtype, device=self.config.device)
+        return self._assistants[dtype]
+
+
+def _draft_profile_costs(config: BenchConfig, prefix_len: int, fp: dict[str, Any], notes: list[str]) -> dict[int, float]:
+    """``--draft-profile``'s cost per level (its draft section, or its own grid), of this device."""
+    prof = Profile.load(config.draft_profile)
+    check_profile(prof, config.draft_profile, fp, config.foreign_profile, notes.append)
+    grid = prof.draft or prof.target
+    return {int(w): grid.latency(w, prefix_len) for w in grid.tokens}
 
 
 def load_settings(temperatures: Sequence[float]) -> tuple[float, ...]:

@@ -6,6 +6,8 @@ edge and pass it down::
     spec = DraftSpec.resolve(None, "smollm2-135m")   # the target's default: its packaged draft
     spec.kind                                         # "trained"
     spec.limits.cap(8)                                # 4: a trained draft fills its heads' levels
+                                                      # (its cost per level is priced per device:
+                                                      # sequoia.draft_costs.device_draft_costs)
     proposer = spec.proposer(loaded_target)           # weights load only here
 
 Kinds: ``none`` (plain decoding), ``ngram`` (prompt lookup), ``early-exit`` (the target's first
@@ -107,12 +109,14 @@ class DraftSpec:
 
 
 def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
-    """A trained draft's depth limit (its heads; none if recurrent) and measured cost per level (its card's
-    evaluation)."""
+    """A trained draft's depth limit (its heads; none if recurrent). Its card's cost per level is
+    checked here but priced only on the device it was measured on
+    (:func:`sequoia.draft_costs.device_draft_costs` reads it with the card's fingerprint), so the
+    limits carry no cost."""
     config = DraftConfig.from_json(card.get("config"), str(where))
     costs = (card.get("evaluation") or {}).get("cost_ms_per_level") or {}
     try:
-        level_ms = {int(w): float(ms) for w, ms in costs.items()}
+        {int(w): float(ms) for w, ms in costs.items()}
     except (AttributeError, TypeError, ValueError):
         raise FileFormatError(f"{where}: 'cost_ms_per_level' must map widths to milliseconds") from None
-    return DraftLimits(config.max_depth, level_ms)
+    return DraftLimits(config.max_depth)

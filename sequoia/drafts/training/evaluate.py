@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from sequoia.device import fingerprint
 from sequoia.drafts.base import DraftContext
 from sequoia.drafts.context_mix import MAX_NGRAM, ContextMix, components, fit_weights, node_suffixes
 from sequoia.drafts.training.features import FeatureCache, FeatureSet
@@ -35,6 +36,7 @@ from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.drafts.trained import TrainedDraft
 from sequoia.drafts.registry import load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
+from sequoia.draft_costs import trained_draft_dtype
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 
@@ -197,9 +199,11 @@ def evaluation_record(
         "levels": [asdict(a) for a in levels],
         **({"levels_draft_only": [asdict(a) for a in draft_only]} if draft_only is not None else {}),
         "cost_ms_per_level": {str(w): round(ms, 3) for w, ms in costs.items()},
-        "cost_dtype": "bfloat16",
+        "cost_dtype": trained_draft_dtype(str(torch.device(device).type)),
         "cost_device": str(device),
         "cost_threads": torch.get_num_threads(),
+        # the costs are used as they are only on this device (sequoia.draft_costs.device_draft_costs)
+        "cost_fingerprint": fingerprint(device),
     }
 
 

@@ -18,7 +18,8 @@ import torch
 
 from sequoia.drafts import NgramProposer
 from sequoia.engine import Engine
-from sequoia.kernels import describe, use_fast_kernels
+from sequoia.kernels import describe
+from sequoia.kernel_tuning import use_fast_kernels
 from sequoia.models import eos_token_ids, load_model
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.solver import solve

@@ -121,7 +121,7 @@ def main() -> None:
         else:
             fast = copy.deepcopy(loaded.model)
             prepack_linears(fast)
-            kernels.apply_kernels(fast, force=None if variant == "fast" else variant.removeprefix("force-"))
+            kernel_tuning.apply_kernels(fast, force=None if variant == "fast" else variant.removeprefix("force-"))
             models[variant] = fast
     print(f"# {kernel_tuning._cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, isa={ARGS.isa}, "
           f"{ARGS.dtype}, {ARGS.threads} threads, prefix {ARGS.prefix}, repeats {ARGS.repeats}, "

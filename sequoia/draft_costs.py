@@ -81,18 +81,6 @@ def save_draft_costs(path: Path, costs: dict[int, float], fp: dict[str, Any], dr
     })
 
 
-def trained_draft_dtype(device: str) -> str:
-    """The dtype a trained draft's proposer runs in on ``device`` (bfloat16 where it computes)."""
-    from sequoia.models import check_dtype_runs, resolve_device
-
-    import torch
-
-    try:
-        check_dtype_runs(torch.bfloat16, resolve_device(device))
-        return "bfloat16"
-    except ConfigError:
-        return "float32"
-
 
 def measure_draft_costs(spec, loaded, dtype: str, progress: Progress | None = None) -> tuple[dict[int, float], str]:
     """Measure ``spec``'s (a :class:`~sequoia.drafts.DraftSpec`) ms per tree level for the
@@ -142,6 +130,8 @@ def device_draft_costs(
     targets = targets or Targets(target, device, tokenizer=False)
     fp, name = here(device), model_name(target)
     if spec.kind == "trained":
+        from sequoia.drafts.registry import trained_draft_dtype
+
         run_dtype = trained_draft_dtype(device)
         level_ms, card_fp, card_dtype = card_costs(spec.card)
         if level_ms and card_fp is not None and same_device(card_fp, fp) and card_dtype == run_dtype:

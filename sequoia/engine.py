@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -36,8 +36,12 @@ from sequoia.sampling import NodeProbs, SamplingConfig
 from sequoia.tree import Tree
 from sequoia.verify import Acceptance, verify_greedy, verify_sequoia, verify_specinfer
 
-if TYPE_CHECKING:
-    from sequoia.planning import Replanner
+
+class Replan(Protocol):
+    """Consulted between steps (e.g. :class:`sequoia.planning.Replanner`): sees the step's tree,
+    its accepted path and its seconds per section; returns a new tree to decode with, or None."""
+
+    def observe(self, tree: Tree, accepted_nodes: Sequence[int], seconds: Mapping[str, float]) -> Tree | None: ...
 
 VERIFIERS = {"sequoia": verify_sequoia, "specinfer": verify_specinfer}
 STOP_EOS, STOP_LENGTH, STOP_CONTEXT = "eos", "max_new_tokens", "context"
@@ -129,7 +133,7 @@ class Engine:
         max_context: int | None = None,
         seed: int = 0,
         timer: StepTimer | None = None,
-        replanner: Replanner | None = None,
+        replanner: Replan | None = None,
     ) -> None:
         if verifier not in VERIFIERS:
             raise ConfigError(f"unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")

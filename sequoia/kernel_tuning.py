@@ -1,5 +1,5 @@
 """Choosing :mod:`sequoia.kernels`' kernel per layer shape and row count by measuring them on
-this device, and caching the choice per device.
+this device, caching the choice per device, and applying it to a model (:func:`use_fast_kernels`).
 
 A kernel's speed depends on the CPU, the instruction set torch and its libraries are allowed to
 use, the thread count and how threads wait, so the cache key (:func:`device_key`) holds all of
@@ -11,6 +11,7 @@ answer on a shared, busy one (:func:`_time_group`).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
@@ -26,8 +27,22 @@ import torch
 from torch import nn
 
 from sequoia.errors import FileFormatError
-from sequoia.files import read_json, write_json_atomic
-from sequoia.kernels import ISA_ENV, KERNELS, ROW_BUCKETS, THREAD_ENV, FastLinear, Plan, candidates, linear_groups
+from sequoia.files import cache_dir, read_json, write_json_atomic
+from sequoia.kernels import (
+    ATTR,
+    ISA_ENV,
+    KERNELS,
+    ROW_BUCKETS,
+    THREAD_ENV,
+    FastLinear,
+    Plan,
+    eligible,
+    worth_it,
+    candidates,
+    linear_groups,
+    shape_name,
+)
+from sequoia.prepack import can_prepack, packable, prepack_linears
 
 MARGIN = 0.05  # another kernel replaces `plain` only when at least this much faster
 STREAM_BYTES = 48 << 20  # calibrate on enough layers of one shape to stream from memory (past L3), as a forward does
@@ -103,7 +118,6 @@ class Calibration:
 
 def cache_path(key: dict[str, Any]) -> Path:
     """Where the calibration for ``key`` is cached."""
-    from sequoia.models import cache_dir  # models imports this module
 
     return cache_dir() / "kernels" / f"{key_hash(key)}.json"
 
@@ -195,3 +209,61 @@ def _choose(timings: dict[str, list[float]]) -> Plan:
             best = "plain"
         plan.append(best)
     return tuple(plan)
+
+
+# ---------------------------------------------------------------------------- applying
+def apply_kernels(model: nn.Module, calibration: Calibration | None = None, force: str | None = None) -> int:
+    """Swap, in place, every float32 CPU ``nn.Linear`` of ``model`` whose calibrated plan is
+    not all ``plain`` for a :class:`FastLinear`; returns how many were swapped. Models with
+    under :data:`MIN_BYTES` of such weights, or not wholly on the CPU, are left alone unless a
+    ``calibration`` or ``force`` is given.
+
+    ``calibration`` defaults to :func:`calibrate` (cached per device);
+    ``force`` names one kernel for every shape and bucket instead (tests, A/B runs). Shared modules (a tied or
+    reused layer) are swapped once. The choice is recorded on the model (:func:`describe`).
+    """
+    groups = linear_groups(model)
+    if not groups or (force is None and calibration is None and not worth_it(model, groups)):
+        return 0
+    if force is not None:
+        assert force in candidates(), f"kernel {force!r} is not available here"
+        plans = {shape: (force,) * len(ROW_BUCKETS) for shape in groups}
+        calibration = Calibration(device_key(torch.float32, list(groups)), plans, {}, 0.0, "", "forced")
+    elif calibration is None:
+        calibration = calibrate(model)
+    swapped: dict[int, FastLinear] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not eligible(child):
+                continue
+            plan = calibration.plans.get(shape_name(child))
+            if plan is None or set(plan) == {"plain"}:
+                continue
+            if id(child) not in swapped:
+                swapped[id(child)] = FastLinear(child, plan)
+            setattr(parent, name, swapped[id(child)])
+    setattr(model, ATTR, {"source": calibration.source, "file": key_hash(calibration.key),
+                          "seconds": round(calibration.seconds, 2), "date": calibration.date})
+    return len(swapped)
+
+
+def use_fast_kernels(model: nn.Module) -> int:
+    """What ``load_model(..., prepack=True)`` applies: bfloat16 CPU linears packed for oneDNN
+    (:mod:`sequoia.prepack`) and float32 CPU linears on their calibrated kernels
+    (:func:`apply_kernels`). Returns how many linear layers changed."""
+    return prepack_linears(model) + apply_kernels(model)
+
+
+def fast_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with :func:`use_fast_kernels` applied (the original stays plain,
+    e.g. for a ``generate`` baseline); ``model`` itself where nothing would change."""
+    packs = can_prepack() and any(packable(m) for m in model.modules())
+    groups = linear_groups(model)
+    calibration = calibrate(model) if groups and worth_it(model, groups) else None
+    if not packs and (calibration is None or all(set(p) == {"plain"} for p in calibration.plans.values())):
+        return model
+    faster = copy.deepcopy(model)
+    prepack_linears(faster)
+    if calibration is not None:
+        apply_kernels(faster, calibration)
+    return faster

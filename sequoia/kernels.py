@@ -5,12 +5,13 @@ kernel does that fastest depends on the CPU, not on the model: on an AMD EPYC (Z
 AVX2-only Zen 3) MKL's float32 GEMM, which ``F.linear`` calls, costs 2-5x more for 2-16 rows
 than for one (SmolLM2's 49,152 x 576 output layer: ~12 ms for 1 row, 30-70 ms for 2-16), while
 oneDNN from a weight packed once stays near the 1-row cost; on an Intel Xeon MKL is fine.
-So nothing here is assumed: :func:`~sequoia.kernel_tuning.calibrate` times the candidate kernels on the model's own
-layers for each row count, and :class:`FastLinear` runs, for each call, the kernel that won for
+So nothing here is assumed: :func:`~sequoia.kernel_tuning.calibrate` times the candidate kernels
+on the model's own layers for each row count, and :class:`FastLinear` runs, for each call, the
+kernel that won for
 its row count. The choice is cached per device (``device_key``: CPU model, the ISA torch
 dispatches to, the environment settings that cap it, threads, torch, dtype, shapes) under
-:func:`sequoia.models.cache_dir`, so only the first load on a device pays for it
-(:mod:`sequoia.kernel_tuning`).
+:func:`sequoia.files.cache_dir`, so only the first load on a device pays for it
+(:mod:`sequoia.kernel_tuning`, which also applies the choice to a model).
 
 Candidate kernels (``y = x W^T + b``; weights unchanged, float32 stays float32):
 
@@ -29,19 +30,14 @@ Each packed copy costs the memory of its weight again.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sequoia.prepack import can_prepack, packable, prepack_linears
-
-if TYPE_CHECKING:
-    from sequoia.kernel_tuning import Calibration
 
 KERNELS = ("plain", "onednn", "mkl", "wxt")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # a call with r rows uses the first bucket >= r (else the last)
@@ -144,11 +140,11 @@ def candidates() -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------- which layers
-def _eligible(module: nn.Module) -> bool:
+def eligible(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
 
 
-def _worth_it(model: nn.Module, groups: dict[str, list[nn.Linear]]) -> bool:
+def worth_it(model: nn.Module, groups: dict[str, list[nn.Linear]]) -> bool:
     # a model split over devices (offload) keeps CPU copies that hooks move: leave it alone
     if not all(p.device.type == "cpu" for p in model.parameters()):
         return False
@@ -165,72 +161,10 @@ def linear_groups(model: nn.Module) -> dict[str, list[nn.Linear]]:
     groups: dict[str, list[nn.Linear]] = {}
     seen: set[int] = set()
     for module in model.modules():
-        if _eligible(module) and id(module) not in seen:
+        if eligible(module) and id(module) not in seen:
             seen.add(id(module))
             groups.setdefault(shape_name(module), []).append(module)
     return groups
-
-
-# ---------------------------------------------------------------------------- applying
-def apply_kernels(model: nn.Module, calibration: Calibration | None = None, force: str | None = None) -> int:
-    """Swap, in place, every float32 CPU ``nn.Linear`` of ``model`` whose calibrated plan is
-    not all ``plain`` for a :class:`FastLinear`; returns how many were swapped. Models with
-    under :data:`MIN_BYTES` of such weights, or not wholly on the CPU, are left alone unless a
-    ``calibration`` or ``force`` is given.
-
-    ``calibration`` defaults to :func:`sequoia.kernel_tuning.calibrate` (cached per device);
-    ``force`` names one kernel for every shape and bucket instead (tests, A/B runs). Shared modules (a tied or
-    reused layer) are swapped once. The choice is recorded on the model (:func:`describe`).
-    """
-    from sequoia.kernel_tuning import Calibration, calibrate, device_key, key_hash  # it imports this module
-
-    groups = linear_groups(model)
-    if not groups or (force is None and calibration is None and not _worth_it(model, groups)):
-        return 0
-    if force is not None:
-        assert force in candidates(), f"kernel {force!r} is not available here"
-        plans = {shape: (force,) * len(ROW_BUCKETS) for shape in groups}
-        calibration = Calibration(device_key(torch.float32, list(groups)), plans, {}, 0.0, "", "forced")
-    elif calibration is None:
-        calibration = calibrate(model)
-    swapped: dict[int, FastLinear] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not _eligible(child):
-                continue
-            plan = calibration.plans.get(shape_name(child))
-            if plan is None or set(plan) == {"plain"}:
-                continue
-            if id(child) not in swapped:
-                swapped[id(child)] = FastLinear(child, plan)
-            setattr(parent, name, swapped[id(child)])
-    setattr(model, ATTR, {"source": calibration.source, "file": key_hash(calibration.key),
-                          "seconds": round(calibration.seconds, 2), "date": calibration.date})
-    return len(swapped)
-
-
-def use_fast_kernels(model: nn.Module) -> int:
-    """What ``load_model(..., prepack=True)`` applies: bfloat16 CPU linears packed for oneDNN
-    (:mod:`sequoia.prepack`) and float32 CPU linears on their calibrated kernels
-    (:func:`apply_kernels`). Returns how many linear layers changed."""
-    return prepack_linears(model) + apply_kernels(model)
-
-
-def fast_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with :func:`use_fast_kernels` applied (the original stays plain,
-    e.g. for a ``generate`` baseline); ``model`` itself where nothing would change."""
-    packs = can_prepack() and any(packable(m) for m in model.modules())
-    from sequoia.kernel_tuning import calibrate  # it imports this module
-
-    groups = linear_groups(model)
-    calibration = calibrate(model) if groups and _worth_it(model, groups) else None
-    if not packs and (calibration is None or all(set(p) == {"plain"} for p in calibration.plans.values())):
-        return model
-    faster = copy.deepcopy(model)
-    prepack_linears(faster)
-    if calibration is not None:
-        apply_kernels(faster, calibration)
-    return faster
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

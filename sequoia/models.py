@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from sequoia.errors import ConfigError, ModelError
 from sequoia.files import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: the cache root)
-from sequoia.kernels import use_fast_kernels
+from sequoia.kernel_tuning import use_fast_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")

@@ -17,7 +17,8 @@ from sequoia.engine import Engine
 from sequoia.files import read_json, write_json_atomic
 from sequoia.forward import cache_kwargs, tree_forward
 from sequoia.kernel_tuning import Calibration, calibrate
-from sequoia.kernels import ROW_BUCKETS, FastLinear, apply_kernels, bucket, describe
+from sequoia.kernels import ROW_BUCKETS, FastLinear, bucket, describe
+from sequoia.kernel_tuning import apply_kernels
 from sequoia.models import tiny_llama
 from sequoia.profiler import representative_tree
 from sequoia.tree import Tree
@@ -152,7 +153,7 @@ def test_all_plain_plan_and_small_models_stay_plain(cache):
     plain = Calibration({}, {s: ("plain",) * len(ROW_BUCKETS) for s in shapes}, {}, 0.0, "", "forced")
     assert apply_kernels(model, plain) == 0 and type(model.lm_head) is nn.Linear
     assert apply_kernels(model) == 0 and not cache.exists()  # a tiny model is not worth calibrating
-    assert kernels.fast_copy(model) is model
+    assert kernel_tuning.fast_copy(model) is model
     assert describe(model)["fast_linears"] == 0
 
 

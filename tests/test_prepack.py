@@ -12,7 +12,7 @@ from sequoia import prepack
 from sequoia.drafts import NgramProposer
 from sequoia.engine import Engine
 from sequoia.models import tiny_llama
-from sequoia.kernels import fast_copy
+from sequoia.kernel_tuning import fast_copy
 from sequoia.prepack import PackedLinear, can_prepack, prepack_linears
 from sequoia.tree import Tree
 

@@ -14,6 +14,7 @@ from sequoia.drafts import DraftSpec
 from sequoia.errors import ConfigError
 from sequoia.models import tiny_llama
 from sequoia.profile import LatencyGrid, Profile
+from sequoia.drafts.registry import trained_draft_dtype
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_a_cards_costs_count_only_on_the_device_that_measured_them(tiny_dir, tmp
     from sequoia.drafts.card import save_draft, update_card
 
     save_draft(random_draft("mlp", tiny_llama(seed=0), heads=2), tmp_path / "d", "tiny")
-    run_dtype = costs_.trained_draft_dtype("cpu")
+    run_dtype = trained_draft_dtype("cpu")
     update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 7.0, "16": 9.0}, "cost_dtype": run_dtype,
                                                 "cost_fingerprint": fingerprint("cpu")}})
     here_card = costs_.device_draft_costs(DraftSpec.resolve(tmp_path / "d", tiny_dir), tiny_dir, ["float32"])

@@ -30,7 +30,7 @@ from sequoia.drafts import DraftSpec, LMProposer, NoDraft, Proposer
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, eos_token_ids, load_model
 from sequoia.planning import plan_on_device
-from sequoia.kernels import fast_copy
+from sequoia.kernel_tuning import fast_copy
 from sequoia.profile import Profile
 from sequoia.profile_cache import Targets, check_profile, here
 from sequoia.prompts import load_prompts, render_prompt

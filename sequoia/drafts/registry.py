@@ -15,7 +15,7 @@ from sequoia.drafts.context_mix import ContextMix
 from sequoia.drafts.mlp import MLPSpeculator
 from sequoia.drafts.trained import DraftConfig, ReducedVocab, TrainedDraft
 from sequoia.errors import ConfigError, FileFormatError, ModelError
-from sequoia.models import check_dtype_runs
+from sequoia.models import check_dtype_runs, resolve_device
 from sequoia.prepack import prepack_linears
 
 DEFAULT_DRAFTS = {"smollm2-135m": "smollm2-135m-chimera"}  # target alias -> packaged draft name
@@ -63,6 +63,14 @@ def load_draft(spec: str | os.PathLike, target=None) -> TrainedDraft:
     if target is not None:
         model.attach_target(target.get_input_embeddings().weight)
     return model.eval()
+
+def trained_draft_dtype(device: str) -> str:
+    """The dtype a trained draft's proposer runs in on ``device`` (bfloat16 where it computes)."""
+    try:
+        check_dtype_runs(torch.bfloat16, resolve_device(device))
+        return "bfloat16"
+    except ConfigError:
+        return "float32"
 
 
 def load_trained_proposer(spec: str | os.PathLike, target, context_mix: bool = True, shaper=None):

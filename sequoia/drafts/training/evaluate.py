@@ -36,7 +36,7 @@ from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.drafts.trained import TrainedDraft
 from sequoia.drafts.registry import load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
-from sequoia.draft_costs import trained_draft_dtype
+from sequoia.drafts.registry import trained_draft_dtype
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
 

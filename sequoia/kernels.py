@@ -7,8 +7,7 @@ than for one (SmolLM2's 49,152 x 576 output layer: ~12 ms for 1 row, 30-70 ms fo
 oneDNN from a weight packed once stays near the 1-row cost; on an Intel Xeon MKL is fine.
 So nothing here is assumed: :func:`~sequoia.kernel_tuning.calibrate` times the candidate kernels
 on the model's own layers for each row count, and :class:`FastLinear` runs, for each call, the
-kernel that won for
-its row count. The choice is cached per device (``device_key``: CPU model, the ISA torch
+kernel that won for its row count. The choice is cached per device (``device_key``: CPU model, the ISA torch
 dispatches to, the environment settings that cap it, threads, torch, dtype, shapes) under
 :func:`sequoia.files.cache_dir`, so only the first load on a device pays for it
 (:mod:`sequoia.kernel_tuning`, which also applies the choice to a model).

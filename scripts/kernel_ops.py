@@ -123,7 +123,7 @@ def main() -> None:
             prepack_linears(fast)
             kernel_tuning.apply_kernels(fast, force=None if variant == "fast" else variant.removeprefix("force-"))
             models[variant] = fast
-    print(f"# {kernel_tuning._cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, isa={ARGS.isa}, "
+    print(f"# {kernel_tuning.cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, isa={ARGS.isa}, "
           f"{ARGS.dtype}, {ARGS.threads} threads, prefix {ARGS.prefix}, repeats {ARGS.repeats}, "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     for variant, model in models.items():

@@ -223,6 +223,11 @@ def cpu_info(path: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what the platform says."""
+    return cpu_info()["model"]
+
+
 def aten_capability() -> str:
     """The vectorised kernels ATen dispatches to (``AVX512``, ``AVX2``, ``DEFAULT``...)."""
     import torch

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sequoia.device import cpu_model
 from sequoia.errors import FileFormatError
 from sequoia.files import cache_dir, read_json, write_json_atomic
 from sequoia.kernels import (
@@ -53,22 +54,13 @@ METHOD = 4  # bump when calibration changes, so caches measured the old way are 
 FORMAT = "sequoia-kernels/1"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def device_key(dtype: torch.dtype, shapes: Sequence[str]) -> dict[str, Any]:
     """Everything a kernel choice depends on: CPU model, the ISA torch dispatches to, the
     environment settings that cap the ISA (how an AVX2 machine is emulated), threads and how
     they wait, torch, dtype, the layer shapes and the candidate kernels."""
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "isa_env": {name: os.environ.get(name) for name in ISA_ENV},

@@ -24,13 +24,13 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from sequoia.device import cpu_model
 from sequoia.device import fingerprint
 from sequoia.errors import ConfigError
 from sequoia import kernels
@@ -214,7 +214,7 @@ def describe_device(model: PreTrainedModel) -> dict[str, Any]:
     many linear layers run from packed weights (:mod:`sequoia.prepack`), and the device's
     fingerprint (:func:`sequoia.device.fingerprint`: what must match to reuse the profile)."""
     dtype, device = model_dtype_device(model)
-    cpu = _cpu_model()
+    cpu = cpu_model()
     return {
         "fingerprint": fingerprint(device),
         "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
@@ -258,12 +258,3 @@ def load_average() -> float:
     """The 1-minute load average (0 where the OS has none): how busy the machine was."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"

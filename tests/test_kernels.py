@@ -107,14 +107,14 @@ def test_greedy_tree_decoding_matches_plain_decoding_with_the_same_kernels(plan)
 
 def test_calibration_is_cached_and_keyed_by_device(cache, monkeypatch):
     model = _model()
-    monkeypatch.setattr(kernel_tuning, "_cpu_model", lambda: "CPU A")
+    monkeypatch.setattr(kernel_tuning, "cpu_model", lambda: "CPU A")
     first = calibrate(model, repeats=1)
     assert first.source == "measured" and set(first.plans) == {"64x64", "32x64", "128x64", "64x128", "96x64"}
     assert all(len(p) == len(ROW_BUCKETS) for p in first.plans.values())
     again = calibrate(model, repeats=1)
     assert again.source == "cached" and again.plans == first.plans and again.key == first.key
     assert len(list(cache.iterdir())) == 1
-    monkeypatch.setattr(kernel_tuning, "_cpu_model", lambda: "CPU B")  # another device measures its own
+    monkeypatch.setattr(kernel_tuning, "cpu_model", lambda: "CPU B")  # another device measures its own
     other = calibrate(model, repeats=1)
     assert other.source == "measured" and other.key["cpu_model"] == "CPU B"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # so does the same CPU with its ISA capped

@@ -169,16 +169,11 @@ class Replanner:
 
     Rule. Every ``window`` steps, the measured time per token (whole steps: draft, target,
     verification, cache) is compared with plain decoding: the profile's one-token latency, or
-    once measured, the time per token of plain steps. When slower and plain decoding has not
-    been measured yet, the next ``probe`` steps decode plainly (one-node tree: still lossless)
-    to measure it. Then the solver runs again (milliseconds) with
-
-    * the acceptance: the prior vector blended with the ranks the steps accepted (a node whose
-      children were tried counts once for every rank it had; ``prior_nodes`` pseudo-counts);
-    * the latency of a step of ``n`` nodes: the profile's, times the ratio measured/profiled
-      at the tree sizes run so far (interpolated in ``n``; past the largest size run, the last
-      segment's slope continues), step overhead included;
-    * the draft: the profile's cost times the ratio measured/predicted.
+    once measured, the time per token of plain steps. When slower, the next ``probe`` steps
+    decode plainly (a one-node tree: still lossless) and the ``probe`` after them with the tree
+    again, so both are measured fresh and side by side (a burst of other work on a shared CPU
+    slows everything for a while: only a comparison made within it, or after it, is fair).
+    Then the solver runs again (milliseconds) with
 
     If no tree beats plain decoding by ``margin`` on those numbers, the plan becomes plain
     decoding. :meth:`observe` returns the new tree when the plan changes, else None.
@@ -218,7 +213,7 @@ class Replanner:
         self.step_ms: dict[int, list[float]] = {}  # tree size -> ms of (step - draft) per step
         self.draft_ratio: list[float] = []  # measured / predicted draft ms per step
         self.recent: list[tuple[float, int]] = []  # (step ms, tokens) of the current window
-        self.probing = 0  # plain steps left to measure
+        self.phase, self.left, self.before = "run", 0, tree  # run | probe (plain) | confirm (tree again)
         self.steps = 0
         self.events: list[str] = []  # one line per change of plan
 
@@ -234,9 +229,15 @@ class Replanner:
         predicted = _draft_cost(tree, self.draft_ms)
         if predicted > 0:
             self.draft_ratio.append(draft / predicted)
-        if self.probing:
-            self.probing -= 1
-            return self._replan("plain decoding measured") if not self.probing else None
+        if self.phase != "run":
+            self.left -= 1
+            if self.left:
+                return None
+            if self.phase == "probe":  # plain decoding measured: the tree again, side by side
+                self.phase, self.left = "confirm", self.probe
+                return self._switch(self.before)
+            self.phase = "run"
+            return self._replan("plain decoding measured")
         self.recent.append((step, len(accepted_nodes)))
         if len(self.recent) < self.window:
             return None
@@ -247,10 +248,10 @@ class Replanner:
             return None
         self.events.append(f"step {self.steps}: {ms_per_token:.1f} ms/token with {tree.size} nodes, "
                            f"plain decoding {reference:.1f}")
-        if 1 not in self.step_ms:
-            self.probing = self.probe
-            return self._switch(PLAIN)
-        return self._replan("re-planned")
+        for size in (1, tree.size):  # decide on fresh measurements only
+            self.step_ms.pop(size, None)
+        self.phase, self.left, self.before = "probe", self.probe, tree
+        return self._switch(PLAIN)
 
     # ------------------------------------------------------------------ what was measured
     def acceptance(self) -> np.ndarray:  # [k] or [L, k]

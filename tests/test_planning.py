@@ -147,3 +147,23 @@ def test_default_acceptance_comes_from_the_card_for_the_sampling_setting():
     np.testing.assert_allclose(greedy.sum(1), [lv["top4"] for lv in levels])
     vector, source = default_acceptance(DraftSpec.resolve("ngram", "smollm2-135m"), SamplingConfig())
     assert vector.ndim == 1 and source == "a default for ngram drafts"
+
+
+def test_a_burst_of_other_work_does_not_make_it_leave_a_good_plan():
+    """The first window runs 5x slower (another process had the CPU), then the burst ends while
+    plain decoding is measured: the tree, measured again right after, is still the better plan."""
+    profiled = lambda n: 30.0 + 0.2 * n
+    draft_ms = lambda w: 1.0
+    first = choose_tree(P, profiled, draft_ms, 32, 8).best.tree
+    replanner = Replanner(first, P, profiled, draft_ms, max_size=32, max_depth=8)
+    rng, tree = np.random.default_rng(0), first
+    for step in range(120):
+        burst = 5.0 if step < 9 else 1.0
+        draft = sum(draft_ms(float(w)) for w in np.bincount(tree.depths)[:-1])
+        target = profiled(float(tree.size)) * burst
+        seconds = {"step": (draft + target) / 1e3, "draft": draft / 1e3}
+        tree = replanner.observe(tree, _sample_path(tree, P, rng), seconds) or tree
+    assert any("plain decoding measured" in e for e in replanner.events)  # it did look
+    best = choose_tree(P, profiled, draft_ms, 32, 8).best.ms_per_token
+    kept = evaluate(tree, expected_tokens(tree, P), profiled, draft_ms).ms_per_token
+    assert tree.size > 16 and kept == pytest.approx(best, rel=0.02)  # still a tree as good as the plan

@@ -49,6 +49,23 @@ def test_quick_grid_stops_growing_past_three_times_one_token(monkeypatch, tiny_t
     assert cache.quick_prefixes(100) == (25,)
 
 
+def test_rounds_that_ran_beside_other_work_are_measured_again(monkeypatch, tiny_target):
+    """A burst of other work makes whole rounds many times slower; they are replaced, so the
+    medians are the device's (here rounds 2 and 3 of the timed ones ran 40x slower)."""
+    passes = iter(range(10_000))
+    base = {1: 30.0, 4: 33.0}
+    monkeypatch.setattr(profiler, "_tree_pass", lambda model, c, prefix, n, gen: n)
+
+    def timed(run, model, c, prefix):
+        k = next(passes)  # 2 cells per round, the warm-up round first
+        return base[run] * (40.0 if k // 2 in (2, 3) else 1.0 + 0.01 * (k % 3))
+
+    monkeypatch.setattr(profiler, "time_pass", timed)
+    samples = cache.clean_rounds(tiny_target, [16], [1, 4], repeats=5)
+    assert samples.shape == (1, 2, 5) and samples.max() < 31 * 1.1
+    np.testing.assert_allclose(np.median(samples, axis=-1), [[30.3, 33.33]], rtol=0.02)
+
+
 def test_profile_measured_once_then_reused_and_never_across_devices(tiny_dir):
     targets = cache.Targets(tiny_dir, "cpu")
     first = cache.device_profiles(tiny_dir, ["float32"], "cpu", targets)["float32"]

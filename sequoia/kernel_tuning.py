@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sequoia.device import cpu_model
+from sequoia.device import KERNELS_VERSION, cpu_model
 from sequoia.errors import FileFormatError
 from sequoia.files import cache_dir, read_json, write_json_atomic
 from sequoia.kernels import (
@@ -50,7 +50,7 @@ STREAM_BYTES = 48 << 20  # calibrate on enough layers of one shape to stream fro
 QUANTILE = 0.25  # of per-call times: an idle machine's cost, measured on a busy one
 PRUNE = 2.0  # a kernel this much slower than the best in the first rounds is not timed again
 PASSES = 2  # independent passes over all shapes; the faster wins, so a burst of load spoils neither
-METHOD = 4  # bump when calibration changes, so caches measured the old way are not reused
+METHOD = KERNELS_VERSION  # cached choices made with older kernels or calibration are not reused
 FORMAT = "sequoia-kernels/1"
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sequoia.device import current, fingerprint_key, same_device
+from sequoia.device import KERNELS_VERSION, current, fingerprint_key, same_device
 from sequoia.errors import ConfigError
 from sequoia.files import cache_dir
 from sequoia.profile import LatencyGrid, Profile
@@ -69,8 +69,9 @@ def slug(name: str) -> str:
 
 
 def profile_key(fp: dict[str, Any], model: str, dtype: str) -> str:
-    """``<model>-<dtype>-<threads>t-<fingerprint hash>``."""
-    return f"{slug(model)}-{dtype}-{fp.get('threads')}t-{fingerprint_key(fp)}"
+    """``<model>-<dtype>-<threads>t-<fingerprint hash>-k<kernels version>``: a profile measured
+    with an older version of :mod:`sequoia.kernels` is measured again, not reused."""
+    return f"{slug(model)}-{dtype}-{fp.get('threads')}t-{fingerprint_key(fp)}-k{KERNELS_VERSION}"
 
 
 def profile_path(fp: dict[str, Any], model: str, dtype: str) -> Path:
@@ -78,7 +79,7 @@ def profile_path(fp: dict[str, Any], model: str, dtype: str) -> Path:
 
 
 def draft_cost_path(fp: dict[str, Any], model: str, draft: str, dtype: str) -> Path:
-    stem = f"{slug(model)}-{fp.get('threads')}t-{fingerprint_key(fp)}"
+    stem = f"{slug(model)}-{fp.get('threads')}t-{fingerprint_key(fp)}-k{KERNELS_VERSION}"
     return cache_dir() / "profiles" / f"{stem}.draft-{slug(draft)}-{dtype}.json"
 
 

@@ -9,7 +9,7 @@ import pytest
 from sequoia import draft_costs as costs_
 from sequoia import profile_cache as cache
 from sequoia import profiler
-from sequoia.device import fingerprint, fingerprint_key
+from sequoia.device import KERNELS_VERSION, fingerprint, fingerprint_key
 from sequoia.drafts import DraftSpec
 from sequoia.errors import ConfigError
 from sequoia.models import tiny_llama
@@ -30,7 +30,7 @@ def tiny_dir(tmp_path_factory):
 def test_the_cache_key_names_model_dtype_threads_and_device():
     fp = fingerprint("cpu")
     key = cache.profile_key(fp, "smollm2-135m", "bfloat16")
-    assert key == f"smollm2-135m-bfloat16-{fp['threads']}t-{fingerprint_key(fp)}"
+    assert key == f"smollm2-135m-bfloat16-{fp['threads']}t-{fingerprint_key(fp)}-k{KERNELS_VERSION}"
     assert cache.profile_path(fp, "smollm2-135m", "bfloat16") == cache.cache_dir() / "profiles" / f"{key}.json"
     others = [cache.profile_key(fp, "smollm2-135m", "float32"),
               cache.profile_key({**fp, "threads": fp["threads"] + 1}, "smollm2-135m", "bfloat16"),

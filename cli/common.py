@@ -30,6 +30,11 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def warn(message: str) -> None:
+    """Print one yellow ``warning:`` line on stderr."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Decorate a command so a :class:`SequoiaError` becomes one line and exit code 2."""
 

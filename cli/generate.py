@@ -5,21 +5,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
 from rich.table import Table
 
-from sequoia.acceptance import AcceptanceResult
 from sequoia.drafts import DraftSpec
 from sequoia.engine import VERIFIERS, Engine
 from sequoia.errors import ConfigError, FileFormatError
 from sequoia.models import DEFAULT_MODEL, eos_token_ids
-from sequoia.planning import DevicePlan, default_acceptance, plan_on_device, plan_tree
+from sequoia.planning import plan_for_sampling, plan_tree
 from sequoia.profile_cache import Targets
 from sequoia.prompts import render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors, progress_bar
+from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors, progress_bar, warn
 
 @handles_errors
 def generate(
@@ -72,8 +70,10 @@ def generate(
         tree = plan_tree(draft_spec, tree_file, budget, max_depth, acceptance)
         run_dtype = dtype or str(tree.meta.get("dtype") or "float32")
     else:
-        planned = _device_plan(draft_spec, targets, sampling, acceptance, dtype, device, profile, foreign_profile,
-                               max_depth, len(text) // 4 + max_new_tokens // 2)
+        with progress_bar("this device's profile", console=err_console) as report:
+            planned = plan_for_sampling(draft_spec, targets, sampling, acceptance, dtype, device, profile,
+                                        foreign_profile, max_depth, len(text) // 4 + max_new_tokens // 2,
+                                        report, warn)
         notes.append(planned.describe())
         if planned.plan.reason and draft_spec.kind != "none":
             notes.append(planned.plan.reason)
@@ -105,26 +105,6 @@ def generate(
             shown = decoded
     typer.echo("")
     _summary(engine, prefill, run_dtype)
-
-
-def _device_plan(draft: DraftSpec, targets: Targets, sampling: SamplingConfig, acceptance: Path | None,
-                 dtype: str | None, device: str, profiles: list[Path], foreign: bool, max_depth: int | None,
-                 prefix_len: int) -> DevicePlan:
-    """This device's plan: the draft's acceptance (a file, its card, or a default) priced with
-    this device's profiles (cached, measured now, or given)."""
-    if draft.kind == "none":
-        vector, source = np.zeros(1), "no draft"
-    elif acceptance is not None:
-        vector, source = AcceptanceResult.load(acceptance).for_solver, str(acceptance)
-    else:
-        vector, source = default_acceptance(draft, sampling)
-    warn = lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
-    with progress_bar("this device's profile", console=err_console) as report:
-        return plan_on_device(
-            targets.spec, draft, vector, source, [dtype] if dtype else None, device, targets,
-            prefix_len=max(prefix_len, 1), max_depth=16 if max_depth is None else max_depth,
-            profiles=profiles, foreign_ok=foreign, progress=report, warn=warn,
-        )
 
 
 def _sampling(mode: str | None, temperature: float | None, top_p: float, top_k: int) -> SamplingConfig:

@@ -17,7 +17,7 @@ from sequoia.planning import DevicePlan, plan_on_device
 from sequoia.profile import Profile
 from sequoia.profile_cache import Targets, check_profile, here
 from sequoia.tree import Tree
-from sequoia_cli.common import console, err_console, handles_errors, progress_bar
+from sequoia_cli.common import console, handles_errors, progress_bar, warn
 
 
 def _label(acc: AcceptanceResult) -> str:
@@ -70,7 +70,6 @@ def optimize(
                               "measure acceptance and profile on the same model")
     targets = Targets(target, device, threads, tokenizer=False)
     level_ms = _draft_profile_costs(draft_profile, prefix_len, device, foreign_profile) if draft_profile else None
-    warn = lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
     plans: list[DevicePlan] = []
     with progress_bar("this device's profile") as report:
         for acc, path in zip(accs, acceptance):  # a trained draft (named in the file) caps the depth
@@ -121,7 +120,6 @@ def _draft_profile_costs(path: Path, prefix_len: int, device: str, foreign: bool
     """A draft profile's cost per level (its draft section, or its own grid), checked to be of
     this device."""
     prof = Profile.load(path)
-    check_profile(prof, path, here(device), foreign,
-                  lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True))
+    check_profile(prof, path, here(device), foreign, warn)
     grid = prof.draft or prof.target
     return {int(w): grid.latency(w, prefix_len) for w in grid.tokens}

@@ -10,10 +10,12 @@ import typer
 from sequoia.drafts import DraftSpec
 from sequoia.engine import VERIFIERS
 from sequoia.errors import ConfigError
-from sequoia.models import DEFAULT_MODEL, load_model
-from sequoia.planning import plan_tree
+from sequoia.models import DEFAULT_MODEL
+from sequoia.planning import plan_for_sampling, plan_tree
+from sequoia.profile_cache import Targets
+from sequoia.sampling import SamplingConfig
 from sequoia.serve import ServedModel, bind, create_app, run
-from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors
+from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors, progress_bar, warn
 
 
 @handles_errors
@@ -23,9 +25,17 @@ def serve(
     tree_file: Path | None = typer.Option(None, "--tree", help="Tree file (sequoia-tree/1 JSON or growmap .pt)."),
     budget: int | None = typer.Option(None, "--budget", help="Tree size for the solver (with --acceptance)."),
     max_depth: int | None = typer.Option(None, "--max-depth", help="Tree depth limit for the solver."),
-    acceptance: Path | None = typer.Option(None, "--acceptance", help="sequoia-acceptance/1 file for the solver."),
+    acceptance: Path | None = typer.Option(
+        None, "--acceptance", help="sequoia-acceptance/1 file to plan with (default: the draft's card, else a guess)."
+    ),
+    profile: list[Path] = typer.Option(
+        [], "--profile", help="Profile(s) to plan with (default: this device's, cached or measured now)."
+    ),
+    foreign_profile: bool = typer.Option(False, "--foreign-profile", help="Accept a profile of another device."),
     verifier: str = typer.Option("sequoia", "--verifier", help="Stochastic verification: sequoia or specinfer."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 (default: the plan's choice for this device)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: all)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
@@ -35,7 +45,11 @@ def serve(
         10.0, "--shutdown-timeout", help="On SIGINT/SIGTERM, seconds open responses may finish before cancelling."
     ),
 ) -> None:
-    """Serve the target over HTTP (OpenAI API: /v1/chat/completions, /v1/completions), lossless."""
+    """Serve the target over HTTP (OpenAI API: /v1/chat/completions, /v1/completions), lossless.
+
+    With no tree options the dtype and trees are this device's plan, as ``generate`` makes it:
+    one tree for greedy requests and one for sampled ones (planned at temperature 1), in the dtype
+    best for greedy."""
     if verifier not in VERIFIERS:
         raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
     if max_queue < 1:
@@ -43,18 +57,34 @@ def serve(
     if not shutdown_timeout >= 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {shutdown_timeout}")
     draft = DraftSpec.resolve(draft, target)
-    tree = plan_tree(draft, tree_file, budget, max_depth, acceptance)  # the tree generate decodes with
+    targets = Targets(target, device, threads)
     sock = bind(host, port)
+    notes = []
+    if tree_file is not None or budget is not None:  # the user's tree, for every request
+        tree = plan_tree(draft, tree_file, budget, max_depth, acceptance)
+        trees, run_dtype = {True: tree, False: tree}, dtype or str(tree.meta.get("dtype") or "float32")
+    else:
+        with progress_bar("this device's profile", console=err_console) as report:
+            options = dict(acceptance=acceptance, device=device, profiles=profile, foreign_ok=foreign_profile,
+                           max_depth=max_depth, progress=report, warn=warn)
+            greedy = plan_for_sampling(draft, targets, SamplingConfig(0.0), dtype=dtype, **options)
+            sampled = plan_for_sampling(draft, targets, SamplingConfig(1.0), dtype=greedy.plan.dtype, **options)
+        plans = {True: greedy, False: sampled}  # one model serves both: in greedy's dtype
+        trees, run_dtype = {g: p.plan.tree for g, p in plans.items()}, plans[True].plan.dtype
+        notes = [f"{'greedy' if g else 'sampled'} {p.describe()}" for g, p in plans.items()]
+    if max(t.size for t in trees.values()) == 1:
+        draft = DraftSpec.resolve("none", target)  # plain decoding loads no draft
     with console.status(f"loading {target}" + ("" if draft.kind in ("none", "ngram") else f" and {draft}")):
-        loaded = load_model(target, dtype=dtype, device=device, threads=threads)
-        proposer = draft.proposer(loaded, dtype=dtype, device=device)
+        loaded = targets.get(run_dtype)
+        proposer = draft.proposer(loaded, dtype=run_dtype, device=device)
         proposer.warmup()
-    served = ServedModel(target, loaded.model, loaded.tokenizer, proposer, lambda sampling: tree, verifier)
+    served = ServedModel(target, loaded.model, loaded.tokenizer, proposer, lambda s: trees[s.greedy], verifier)
     app = create_app(served, max_queue=max_queue)
-    err_console.print(
-        f"serving {target} on http://{host}:{port}/v1 (draft {draft}, tree of {tree.size} nodes, depth {tree.depth})",
-        highlight=False, soft_wrap=True,
-    )
+    shapes = "; ".join(f"{'greedy' if g else 'sampled'}: tree of {t.size} nodes, depth {t.depth}" for g, t in trees.items())
+    err_console.print(f"serving {target} on http://{host}:{port}/v1 (draft {draft}, {run_dtype}; {shapes})",
+                      highlight=False, soft_wrap=True)
+    for note in notes:
+        err_console.print(note, highlight=False, soft_wrap=True)
     stopped_by = run(app, sock, shutdown_timeout=shutdown_timeout)
     app.state.worker.stop()  # already stopped by the app's shutdown, unless a second Ctrl-C forced the exit
     reason = f" ({signal.Signals(stopped_by).name})" if stopped_by else ""

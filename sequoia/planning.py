@@ -161,6 +161,36 @@ def plan_on_device(
                       prefix_len, depth)
 
 
+def plan_for_sampling(
+    draft: DraftSpec,
+    targets: Targets,
+    sampling: SamplingConfig,
+    acceptance: Path | None = None,
+    dtype: str | None = None,  # None: every dtype the device runs
+    device: str = "cpu",
+    profiles: Sequence[str | Path] = (),
+    foreign_ok: bool = False,
+    max_depth: int | None = None,
+    prefix_len: int = 256,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> DevicePlan:
+    """What ``generate`` and ``serve`` decode a sampling setting with when no tree is given: the
+    draft's acceptance (``acceptance``, its card for ``sampling``, or a default) priced with this
+    device's profiles (cached, measured now, or given) by :func:`plan_on_device`."""
+    if draft.kind == "none":
+        vector, source = np.zeros(1), "no draft"
+    elif acceptance is not None:
+        vector, source = AcceptanceResult.load(acceptance).for_solver, str(acceptance)
+    else:
+        vector, source = default_acceptance(draft, sampling)
+    return plan_on_device(
+        targets.spec, draft, vector, source, [dtype] if dtype else None, device, targets,
+        prefix_len=max(prefix_len, 1), max_depth=16 if max_depth is None else max_depth,
+        profiles=profiles, foreign_ok=foreign_ok, progress=progress, warn=warn,
+    )
+
+
 # ---------------------------------------------------------------------------- re-planning
 class Replanner:
     """A plan that corrects itself: the engine reports every step, and when a window of steps

@@ -15,7 +15,7 @@ from sequoia.acceptance import AcceptanceResult
 from sequoia.models import tiny_llama
 from sequoia.tree import Tree
 from sequoia_cli.main import app
-from cli_helpers import assert_user_error
+from cli_helpers import assert_user_error, cache_profiles
 
 PROMPT = "w3 w1 w4 w1 w5 w9 w2 w6"
 
@@ -152,24 +152,9 @@ def test_acceptance_by_depth_cli(dirs, tmp_path):
     assert_user_error(bad, "--width and --depth", tmp_path / "b.json")
 
 
-def _cache_profiles(target_dir: str, medians: dict[str, list[float]]) -> None:
-    """This device's cached profiles of the target, as if measured here."""
-    import numpy as np
-
-    from sequoia.device import fingerprint
-    from sequoia.profile import LatencyGrid, Profile
-    from sequoia.profile_cache import model_name, profile_path
-
-    fp = fingerprint("cpu")
-    for dtype, ms in medians.items():
-        samples = np.repeat(np.asarray(ms, dtype=float)[None, :, None], 3, axis=2)
-        grid = LatencyGrid(model_name(target_dir), (64,), (1, 2, 4, 8, 16), samples)
-        Profile(grid, {"dtype": dtype, "fingerprint": fp}, {}).save(profile_path(fp, model_name(target_dir), dtype))
-
-
 def test_without_tree_options_the_plan_picks_dtype_and_tree_for_this_device(tmp_path):
     target = _model_dir(tmp_path / "planned", 0)
-    _cache_profiles(target, {"float32": [10, 20, 40, 80, 160], "bfloat16": [12, 12.2, 12.4, 12.8, 13.6]})
+    cache_profiles(target, {"float32": [10, 20, 40, 80, 160], "bfloat16": [12, 12.2, 12.4, 12.8, 13.6]})
     result = _run("--target", target, "--draft", "ngram", "--prompt", PROMPT, "--max-new-tokens", "8", "--no-replan")
     assert result.exit_code == 0, result.output
     assert "plan: bfloat16, tree of" in result.stderr and "float32 cached, bfloat16 cached" in result.stderr

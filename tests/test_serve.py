@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-from cli_helpers import assert_user_error, invoke
+from cli_helpers import assert_user_error, cache_profiles, invoke
 from word_tokenizer import WORDS, word_tokenizer
 
 from sequoia.drafts import LMProposer, NgramProposer
@@ -398,10 +398,13 @@ def test_cli_bad_option_is_one_error_line(args, message):
 
 
 def test_cli_serves_and_stops_cleanly_on_sigterm(tmp_path):
-    """The real command on the main thread (as from a shell); a client thread asks, then sends
-    SIGTERM to this process, which the server catches, drains and returns from."""
+    """The real command on the main thread (as from a shell), planned for this device as
+    ``generate`` plans (cached profiles: float32 only, where 4 tokens cost what one does); a
+    client thread asks, then sends SIGTERM to this process, which the server catches, drains and
+    returns from."""
     tiny_llama(seed=0).save_pretrained(tmp_path)
     _tokenizer().save_pretrained(tmp_path)
+    cache_profiles(str(tmp_path), {"float32": [10, 10, 10, 20, 40]})
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -419,12 +422,16 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(tmp_path):
     engines = _engine_threads()
     asker = threading.Thread(target=ask_then_stop, daemon=True)
     asker.start()
-    result = invoke("serve", "--target", tmp_path, "--draft", "ngram", "--port", port, "--shutdown-timeout", 1)
+    result = invoke("serve", "--target", tmp_path, "--draft", "ngram", "--dtype", "float32", "--port", port,
+                    "--shutdown-timeout", 1)
     asker.join(5)
     assert result.exit_code == 0, result.output
     assert answers == [_plain_greedy_text(_ids(PROMPT), 10)]
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith(f"serving {tmp_path} on {url}/v1") and lines[-1] == "stopped (SIGTERM)"
+    serving = next(line for line in lines if line.startswith("serving"))
+    assert serving.startswith(f"serving {tmp_path} on {url}/v1 (draft ngram, float32; greedy: tree of ")
+    assert "greedy plan: float32, tree of" in result.stderr and "sampled plan: float32, tree of" in result.stderr
+    assert lines[-1] == "stopped (SIGTERM)", result.stderr
     assert _engine_threads() == engines  # the command's engine thread is gone
 
 

@@ -114,11 +114,17 @@ def _budget(size: int, depth: int):
 
 
 def write_card(out: Path, card_dir: str) -> None:
-    """Record the two calibrations in a draft's card, so ``--draft NAME:per-step`` uses them."""
+    """Record the two calibrations in a draft's card, so ``--draft NAME:per-step`` uses them,
+    and the measured gain of per-step over static trees by size, which the optimizer prices."""
     from sequoia.drafts.card import update_card
 
     shaper = TreeShaper(Calibration.load(out / "calibration-greedy.json"), Calibration.load(out / "calibration-t1.json"), WIDTH)
-    update_card(card_dir, {"per_step_trees": shaper.to_json()})
+    gain = {}
+    for mode, key in (("greedy", "greedy"), ("t1", "stochastic")):
+        tau = {policy: {size: json.loads((out / f"tau-{mode}-{policy}-{size}.json").read_text())["tokens_per_step"]
+                        for size in SIZES} for policy in ("static", "shaped")}
+        gain[key] = {str(size): round(tau["shaped"][size] / tau["static"][size], 4) for size in SIZES}
+    update_card(card_dir, {"per_step_trees": {**shaper.to_json(), "gain": gain}})
 
 
 def report(root: Path) -> None:

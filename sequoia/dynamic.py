@@ -264,20 +264,3 @@ def expected_tokens_curve(sorted_values: list[np.ndarray], max_size: int) -> np.
         padded[:take] = values[:take]
         curve[1:] += 1.0 + np.concatenate([[0.0], np.cumsum(padded)])
     return curve / max(len(sorted_values), 1)
-
-
-def time_per_token(
-    curve: np.ndarray,  # [max_size + 1] expected tokens per step by size (expected_tokens_curve)
-    depth: int,
-    draft_ms: float,  # the draft's cost per level at the beam's width, per-step selection included
-    target_ms,  # callable: tokens in one forward -> ms (a profile's interpolation)
-) -> tuple[int, float]:
-    """The size whose per-step tree has the least predicted time per token, and that time:
-    ``(depth * draft_ms + target_ms(n)) / curve[n]`` -- the optimizer's rule for a static tree
-    (DESIGN.md), with the dynamic policy's expected tokens."""
-    best = (1, float(target_ms(1)))
-    for n in range(2, len(curve)):
-        ms = (depth * draft_ms + float(target_ms(n))) / curve[n]
-        if ms < best[1]:
-            best = (n, ms)
-    return best

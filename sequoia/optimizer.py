@@ -95,15 +95,19 @@ def choose_tree(
     max_depth: int,
     screen: int = 24,
     top: int = 5,
+    gain: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Choice:
     """Minimise predicted time per token over every tree of ``<= max_size`` nodes and depth
-    ``<= max_depth``; pure, latencies given as functions of the tokens in one forward."""
+    ``<= max_depth``; pure, latencies given as functions of the tokens in one forward.
+
+    ``gain`` (by tree size, e.g. :meth:`DraftLimits.gain`) scales the expected tokens per step of
+    the solver's trees for a draft that reshapes each step's tree within their size and depth."""
     if screen < 1 or top < 1:
         raise ConfigError("screen and top must be at least 1")
     table = solve(acceptance, max_size, max_depth)
     sizes = table.sizes[1:]  # [max_size, max_depth + 1] actual node count of each optimum
     depths = np.broadcast_to(np.arange(max_depth + 1), sizes.shape)
-    values = table.values[1:]
+    values = table.values[1:] * (1.0 if gain is None else gain(sizes))
     counts = np.arange(1, max_size + 1, dtype=np.float64)  # [max_size] tokens in one forward
     target_curve = np.array([target_ms(n) for n in counts])  # [max_size] ms
     draft_curve = np.array([draft_ms(n) for n in counts])  # [max_size] ms
@@ -130,10 +134,23 @@ class DraftLimits:
 
     max_depth: int | None = None  # deepest tree the draft can fill; None: any
     level_ms: dict[int, float] = field(default_factory=dict)  # ms per tree level by width; {}: unknown
+    # (tree size, measured tokens per step of the draft's per-step trees / of static trees of that
+    # size): a draft that shapes its tree each step within the plan's size and depth; (): static
+    per_step_gain: tuple[tuple[int, float], ...] = ()
 
     def cap(self, depth: int) -> int:
         """``depth``, lowered to the deepest tree the draft can fill."""
         return depth if self.max_depth is None else min(depth, self.max_depth)
+
+    def gain(self, sizes: np.ndarray) -> np.ndarray:
+        """Expected tokens per step relative to a static tree, by tree size: the measured gains
+        interpolated in log size from 1 at one node (nothing to reshape), the largest measured
+        size's gain beyond it."""
+        sizes = np.asarray(sizes, dtype=np.float64)
+        if not self.per_step_gain:
+            return np.ones_like(sizes)
+        known, gains = (np.array(v, dtype=np.float64) for v in zip((1, 1.0), *sorted(self.per_step_gain)))
+        return np.interp(np.log2(np.maximum(sizes, 1)), np.log2(known), gains)
 
 
 def choose(
@@ -169,6 +186,7 @@ def choose(
         max_size,
         draft.cap(max_depth),
         top=top,
+        gain=draft.gain if draft.per_step_gain else None,
     )
 
 

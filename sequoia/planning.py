@@ -99,6 +99,7 @@ class DevicePlan:
     acceptance_source: str
     prefix_len: int
     max_depth: int  # after the draft's cap
+    per_step_gain: tuple[tuple[int, float], ...] = ()  # a per-step draft's (DraftLimits.per_step_gain)
 
     def latency_fns(self, dtype: str | None = None) -> tuple[LatencyFn, LatencyFn]:
         """(target ms by tokens, draft ms by level width) of ``dtype`` (the plan's)."""
@@ -113,8 +114,9 @@ class DevicePlan:
             return None
         target_ms, draft_ms = self.latency_fns()
         largest = int(max(self.profiles[self.plan.dtype].profile.target.tokens))
+        gain = DraftLimits(per_step_gain=self.per_step_gain).gain if self.per_step_gain else None
         return Replanner(self.plan.tree, self.acceptance, target_ms, draft_ms, largest, self.max_depth,
-                         plain_ms=self.plan.plain_ms)
+                         plain_ms=self.plan.plain_ms, gain=gain)
 
     def describe(self) -> str:
         """One line: the dtype and tree chosen, the prediction and the baseline."""
@@ -143,6 +145,7 @@ def plan_on_device(
     warn: Callable[[str], None] | None = None,
     max_size: int | None = None,
     level_ms: Mapping[int, float] | None = None,  # the draft's cost per level, if measured elsewhere
+    per_step_gain: tuple[tuple[int, float], ...] = (),  # a per-step draft's, for the sampling planned
 ) -> DevicePlan:
     """This device's profiles (cached, else measured now; or the ``profiles`` given, checked
     against this device), the draft's cost on it, and the optimizer's (dtype, tree) choice
@@ -155,10 +158,10 @@ def plan_on_device(
     else:
         costs = device_draft_costs(draft, target, tuple(found), device, targets, progress)
     depth = draft.limits.cap(max_depth)
-    limits = {d: DraftLimits(draft.limits.max_depth, costs[d].level_ms) for d in found}
+    limits = {d: DraftLimits(draft.limits.max_depth, costs[d].level_ms, per_step_gain) for d in found}
     plan = choose_plan({d: c.profile for d, c in found.items()}, acceptance, prefix_len, limits, depth, max_size)
     return DevicePlan(plan, found, costs, np.asarray(acceptance, dtype=np.float64), acceptance_source,
-                      prefix_len, depth)
+                      prefix_len, depth, per_step_gain)
 
 
 def plan_for_sampling(
@@ -188,6 +191,7 @@ def plan_for_sampling(
         targets.spec, draft, vector, source, [dtype] if dtype else None, device, targets,
         prefix_len=max(prefix_len, 1), max_depth=16 if max_depth is None else max_depth,
         profiles=profiles, foreign_ok=foreign_ok, progress=progress, warn=warn,
+        per_step_gain=draft.per_step_gain(sampling.greedy),
     )
 
 
@@ -231,8 +235,9 @@ class Replanner:
         probe: int = 4,
         margin: float = PLAIN_MARGIN,
         prior_nodes: float = 50.0,
+        gain: Callable[[np.ndarray], np.ndarray] | None = None,  # a per-step draft's (choose_tree)
     ) -> None:
-        self.tree, self.target_ms, self.draft_ms = tree, target_ms, draft_ms
+        self.tree, self.target_ms, self.draft_ms, self.gain = tree, target_ms, draft_ms, gain
         self.prior = np.atleast_2d(np.asarray(acceptance, dtype=np.float64))  # [L, k]
         self.by_depth = np.asarray(acceptance).ndim == 2
         self.max_size, self.max_depth = max_size, max_depth
@@ -312,7 +317,7 @@ class Replanner:
 
     def _replan(self, why: str) -> Tree | None:
         choice = choose_tree(self.acceptance(), self.corrected_target_ms, self.corrected_draft_ms,
-                             self.max_size, self.max_depth)
+                             self.max_size, self.max_depth, gain=self.gain)
         plain = self.corrected_target_ms(1.0)
         best = choice.best
         tree = best.tree if best.size > 1 and best.ms_per_token * self.margin <= plain else PLAIN

@@ -17,9 +17,9 @@ import torch
 
 from sequoia.calibration import fit, measure, reliability, slot_labels
 from sequoia.drafts.base import Draft
-from sequoia.drafts.card import save_draft
+from sequoia.drafts.card import save_draft, update_card
 from sequoia.drafts.spec import DraftSpec
-from sequoia.dynamic import Calibration, TreeShaper, expected_tokens_curve, selected_tree, slot_features, time_per_token, top_slots
+from sequoia.dynamic import Calibration, TreeShaper, expected_tokens_curve, selected_tree, slot_features, top_slots
 from sequoia.engine import Engine
 from sequoia.errors import ConfigError, FileFormatError, ModelError
 from sequoia.models import LoadedModel, tiny_llama
@@ -100,11 +100,9 @@ def test_calibration_fit_is_monotone_and_round_trips(tmp_path):
     assert Calibration.load(tmp_path / "c.json") == cal
 
 
-def test_expected_tokens_curve_and_pricing():
+def test_expected_tokens_curve():
     curve = expected_tokens_curve([np.array([0.9, 0.5, 0.1])], 4)
     assert np.allclose(curve[1:], [1.0, 1.9, 2.4, 2.5])
-    size, ms = time_per_token(curve, depth=2, draft_ms=1.0, target_ms=lambda n: 10.0 + n)
-    assert size == 3 and abs(ms - (2 + 13) / 2.4) < 1e-9
 
 
 # ---------------------------------------------------------------------- recurrent draft
@@ -138,6 +136,25 @@ def test_per_step_spec_needs_a_calibrated_card(recurrent, tmp_path):
     save_draft(recurrent, tmp_path / "d", "tiny")
     with pytest.raises(FileFormatError, match="no per-step tree calibration"):
         DraftSpec.resolve(f"{tmp_path / 'd'}:per-step", "tiny")
+
+
+def test_a_per_step_cards_gain_is_read_per_mode_and_checked(recurrent, tmp_path):
+    save_draft(recurrent, tmp_path / "d", "tiny")
+    shaper = TreeShaper(Calibration.identity("greedy"), Calibration.identity("stochastic")).to_json()
+    update_card(tmp_path / "d", {"per_step_trees": {**shaper, "gain": {"greedy": {"32": 1.1, "16": 1.05}}}})
+    spec = DraftSpec.resolve(f"{tmp_path / 'd'}:per-step", "tiny")
+    assert spec.per_step_gain(greedy=True) == ((16, 1.05), (32, 1.1)) and spec.per_step_gain(greedy=False) == ()
+    assert DraftSpec.resolve(tmp_path / "d", "tiny").per_step_gain(greedy=True) == ()  # static: no gain
+    update_card(tmp_path / "d", {"per_step_trees": {**shaper, "gain": {"greedy": {"many": 1.1}}}})
+    with pytest.raises(FileFormatError, match="per_step_trees.gain") as info:
+        DraftSpec.resolve(f"{tmp_path / 'd'}:per-step", "tiny")
+    assert "\n" not in str(info.value)
+
+
+def test_the_shipped_chimera_prices_its_per_step_trees():
+    spec = DraftSpec.resolve("smollm2-135m-chimera:per-step", "smollm2-135m")
+    sizes = [n for n, _ in spec.per_step_gain(greedy=True)]
+    assert sizes == [16, 32, 64] and all(g > 1.0 for _, g in spec.per_step_gain(greedy=True))
 
 
 # ---------------------------------------------------------------------- per-step trees

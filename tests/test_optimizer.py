@@ -92,3 +92,24 @@ def test_card_costs_price_the_draft_and_a_profile_wins_over_them():
     assert priced.best.depth < free.best.depth
     assert priced.best.draft_ms == pytest.approx(sum(20 + 5 * (w - 1) / 15 for w in level_widths(priced.best.tree)[:-1]))
     assert free.best.draft_ms == 0.0
+
+
+def test_a_per_step_gain_scales_expected_tokens_by_tree_size():
+    limits = DraftLimits(per_step_gain=((16, 1.05), (32, 1.10), (64, 1.02)))
+    gains = limits.gain(np.array([1, 2, 16, 32, 45, 64, 128]))
+    assert gains[0] == 1.0 and gains[-1] == pytest.approx(1.02)  # one node: nothing to reshape; the last held
+    assert gains[1] == pytest.approx(1.0 + 0.05 / 4)  # from 1 at one node to 1.05 at 16, in log size
+    assert gains[2:4].tolist() == pytest.approx([1.05, 1.10])
+    assert gains[4] == pytest.approx(1.10 + (1.02 - 1.10) * np.log2(45 / 32))  # log-size interpolation
+    assert DraftLimits().gain(np.array([8, 64])).tolist() == [1.0, 1.0]
+
+
+def test_per_step_gain_moves_the_choice_to_the_sizes_where_it_pays():
+    target_ms, draft_ms = LATENCY_MODELS["linear"]
+    static = choose_tree(P, target_ms, draft_ms, 40, 6)
+    favoured = DraftLimits(per_step_gain=((4, 1.0), (32, 1.5)))
+    shaped = choose_tree(P, target_ms, draft_ms, 40, 6, gain=favoured.gain)
+    assert shaped.best.size > static.best.size
+    expected = float(solve(P, 40, 6).values[shaped.best.size, shaped.best.depth]) * favoured.gain(np.array([shaped.best.size]))[0]
+    assert shaped.best.expected_tokens == pytest.approx(expected)
+    assert shaped.best.ms_per_token < static.best.ms_per_token

@@ -3,15 +3,19 @@ acceptance to plan with, and the Replanner that corrects a mis-measured plan whi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from sequoia.draft_costs import DraftCosts
 from sequoia.drafts import DraftSpec, LMProposer
 from sequoia.engine import Engine
 from sequoia.optimizer import PLAIN, DraftLimits, choose_plan, choose_tree, evaluate, samples_for
-from sequoia.planning import Replanner, default_acceptance
+from sequoia.planning import DevicePlan, Replanner, default_acceptance
 from sequoia.profile import LatencyGrid, Profile
+from sequoia.profile_cache import CachedProfile
 from sequoia.sampling import SamplingConfig
 from sequoia.solver import expected_tokens
 from sequoia.tree import Tree
@@ -167,3 +171,16 @@ def test_a_burst_of_other_work_does_not_make_it_leave_a_good_plan():
     best = choose_tree(P, profiled, draft_ms, 32, 8).best.ms_per_token
     kept = evaluate(tree, expected_tokens(tree, P), profiled, draft_ms).ms_per_token
     assert tree.size > 16 and kept == pytest.approx(best, rel=0.02)  # still a tree as good as the plan
+
+
+def test_a_per_step_gain_reaches_the_plan_and_its_replanner():
+    flat = _profile([30.0, 30.5, 31.0, 32.0, 34.0, 40.0])
+    static = choose_plan({"float32": flat}, P)
+    gain = ((2, 1.0), (32, 1.6))  # per-step trees pay more the larger they are
+    shaped = choose_plan({"float32": flat}, P, drafts={"float32": DraftLimits(per_step_gain=gain)})
+    assert shaped.tree.size > static.tree.size and shaped.predicted_ms_per_token < static.predicted_ms_per_token
+    device_plan = DevicePlan(shaped, {"float32": CachedProfile(flat, Path("p.json"), False)},
+                             {"float32": DraftCosts()}, np.asarray(P), "test", 256, 8, gain)
+    replanner = device_plan.replanner()
+    assert replanner is not None and replanner.gain is not None
+    assert replanner.gain(np.array([32]))[0] == pytest.approx(1.6)

@@ -72,7 +72,16 @@ class DraftSpec:
             raise FileFormatError(
                 f"{directory / CARD} has no per-step tree calibration; measure one with scripts/per_step_trees.py"
             )
+        if per_step:
+            _per_step_gains(card, directory / CARD)  # a malformed entry fails here, in one line
         return cls(name, "trained", directory, card, _card_limits(card, directory / CARD), per_step)
+
+    def per_step_gain(self, greedy: bool) -> tuple[tuple[int, float], ...]:
+        """For a per-step draft, its card's measured tokens per step of per-step trees over static
+        ones by tree size, greedy or sampled (:attr:`DraftLimits.per_step_gain`); else ()."""
+        if not self.per_step or self.card is None:
+            return ()
+        return _per_step_gains(self.card, self.directory / CARD)["greedy" if greedy else "stochastic"]
 
     def proposer(self, target, dtype: str = "float32", device: str = "cpu") -> Proposer:
         """The proposer for ``target`` (a :class:`~sequoia.models.LoadedModel`): a trained draft
@@ -120,3 +129,14 @@ def _card_limits(card: dict[str, Any], where: Path) -> DraftLimits:
     except (AttributeError, TypeError, ValueError):
         raise FileFormatError(f"{where}: 'cost_ms_per_level' must map widths to milliseconds") from None
     return DraftLimits(config.max_depth)
+
+
+def _per_step_gains(card: dict[str, Any], where: Path) -> dict[str, tuple[tuple[int, float], ...]]:
+    """``per_step_trees.gain`` of a card: ``{"greedy": {size: gain}, "stochastic": {...}}``
+    (either may be missing: no gain known)."""
+    gains = card.get("per_step_trees", {}).get("gain") or {}
+    try:
+        return {mode: tuple(sorted((int(n), float(g)) for n, g in (gains.get(mode) or {}).items()))
+                for mode in ("greedy", "stochastic")}
+    except (AttributeError, TypeError, ValueError):
+        raise FileFormatError(f"{where}: 'per_step_trees.gain' must map modes to {{tree size: gain}}") from None

@@ -12,29 +12,30 @@ from rich.table import Table
 from sequoia.drafts import DraftSpec
 from sequoia.engine import VERIFIERS, Engine
 from sequoia.errors import ConfigError, FileFormatError
-from sequoia.models import DEFAULT_MODEL, eos_token_ids
+from sequoia.models import eos_token_ids
 from sequoia.planning import plan_for_sampling, plan_tree
 from sequoia.profile_cache import Targets
 from sequoia.prompts import render_prompt
 from sequoia.sampling import SamplingConfig
-from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors, progress_bar, warn
+from sequoia_cli.common import (
+    ACCEPTANCE_OPTION, BUDGET_OPTION, DRAFT_OPTION, FOREIGN_PROFILE_OPTION, MAX_DEPTH_OPTION, PLAN_DTYPE_OPTION,
+    PROFILE_OPTION, TARGET_OPTION, THREADS_OPTION, TREE_OPTION, VERIFIER_OPTION, console, err_console,
+    handles_errors, progress_bar, warn,
+)
+
 
 @handles_errors
 def generate(
     prompt: str | None = typer.Option(None, "--prompt", help="The prompt text."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
-    target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
-    draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
-    tree_file: Path | None = typer.Option(None, "--tree", help="Tree file (sequoia-tree/1 JSON or growmap .pt)."),
-    budget: int | None = typer.Option(None, "--budget", help="Tree size for the solver (with --acceptance)."),
-    max_depth: int | None = typer.Option(None, "--max-depth", help="Tree depth limit for the solver or the plan."),
-    acceptance: Path | None = typer.Option(
-        None, "--acceptance", help="sequoia-acceptance/1 file to plan with (default: the draft's card, else a guess)."
-    ),
-    profile: list[Path] = typer.Option(
-        [], "--profile", help="Profile(s) to plan with (default: this device's, cached or measured now)."
-    ),
-    foreign_profile: bool = typer.Option(False, "--foreign-profile", help="Accept a profile of another device."),
+    target: str = TARGET_OPTION,
+    draft: str | None = DRAFT_OPTION,
+    tree_file: Path | None = TREE_OPTION,
+    budget: int | None = BUDGET_OPTION,
+    max_depth: int | None = MAX_DEPTH_OPTION,
+    acceptance: Path | None = ACCEPTANCE_OPTION,
+    profile: list[Path] = PROFILE_OPTION,
+    foreign_profile: bool = FOREIGN_PROFILE_OPTION,
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan when steps measure slower than planned."),
     chat: bool | None = typer.Option(
         None, "--chat/--no-chat", help="Apply the target's chat template (default: when it has one)."
@@ -46,13 +47,11 @@ def generate(
     temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus threshold in (0, 1]."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    verifier: str = typer.Option("sequoia", "--verifier", help="Stochastic verification: sequoia or specinfer."),
+    verifier: str = VERIFIER_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bfloat16 or float16 (default: the plan's choice for this device)."
-    ),
+    dtype: str | None = PLAN_DTYPE_OPTION,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: all)."),
+    threads: int | None = THREADS_OPTION,
 ) -> None:
     """Generate text with the target, speculating with a draft on a token tree (lossless).
 

@@ -10,34 +10,31 @@ import typer
 from sequoia.drafts import DraftSpec
 from sequoia.engine import VERIFIERS
 from sequoia.errors import ConfigError
-from sequoia.models import DEFAULT_MODEL
 from sequoia.planning import plan_for_sampling, plan_tree
 from sequoia.profile_cache import Targets
 from sequoia.sampling import SamplingConfig
 from sequoia.serve import ServedModel, bind, create_app, run
-from sequoia_cli.common import DRAFT_HELP, console, err_console, handles_errors, progress_bar, warn
+from sequoia_cli.common import (
+    ACCEPTANCE_OPTION, BUDGET_OPTION, DRAFT_OPTION, FOREIGN_PROFILE_OPTION, MAX_DEPTH_OPTION, PLAN_DTYPE_OPTION,
+    PROFILE_OPTION, TARGET_OPTION, THREADS_OPTION, TREE_OPTION, VERIFIER_OPTION, console, err_console,
+    handles_errors, progress_bar, warn,
+)
 
 
 @handles_errors
 def serve(
-    target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
-    draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
-    tree_file: Path | None = typer.Option(None, "--tree", help="Tree file (sequoia-tree/1 JSON or growmap .pt)."),
-    budget: int | None = typer.Option(None, "--budget", help="Tree size for the solver (with --acceptance)."),
-    max_depth: int | None = typer.Option(None, "--max-depth", help="Tree depth limit for the solver."),
-    acceptance: Path | None = typer.Option(
-        None, "--acceptance", help="sequoia-acceptance/1 file to plan with (default: the draft's card, else a guess)."
-    ),
-    profile: list[Path] = typer.Option(
-        [], "--profile", help="Profile(s) to plan with (default: this device's, cached or measured now)."
-    ),
-    foreign_profile: bool = typer.Option(False, "--foreign-profile", help="Accept a profile of another device."),
-    verifier: str = typer.Option("sequoia", "--verifier", help="Stochastic verification: sequoia or specinfer."),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bfloat16 or float16 (default: the plan's choice for this device)."
-    ),
+    target: str = TARGET_OPTION,
+    draft: str | None = DRAFT_OPTION,
+    tree_file: Path | None = TREE_OPTION,
+    budget: int | None = BUDGET_OPTION,
+    max_depth: int | None = MAX_DEPTH_OPTION,
+    acceptance: Path | None = ACCEPTANCE_OPTION,
+    profile: list[Path] = PROFILE_OPTION,
+    foreign_profile: bool = FOREIGN_PROFILE_OPTION,
+    verifier: str = VERIFIER_OPTION,
+    dtype: str | None = PLAN_DTYPE_OPTION,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: all)."),
+    threads: int | None = THREADS_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; more get 503."),
@@ -47,9 +44,9 @@ def serve(
 ) -> None:
     """Serve the target over HTTP (OpenAI API: /v1/chat/completions, /v1/completions), lossless.
 
-    With no tree options the dtype and trees are this device's plan, as ``generate`` makes it:
-    one tree for greedy requests and one for sampled ones (planned at temperature 1), in the dtype
-    best for greedy."""
+    With no tree options the dtype and trees are this device's plan, as generate makes it: one
+    tree for greedy requests and one for sampled ones (planned at temperature 1), in the dtype best
+    for greedy."""
     if verifier not in VERIFIERS:
         raise ConfigError(f"--verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
     if max_queue < 1:
@@ -65,8 +62,8 @@ def serve(
         trees, run_dtype = {True: tree, False: tree}, dtype or str(tree.meta.get("dtype") or "float32")
     else:
         with progress_bar("this device's profile", console=err_console) as report:
-            options = dict(acceptance=acceptance, device=device, profiles=profile, foreign_ok=foreign_profile,
-                           max_depth=max_depth, progress=report, warn=warn)
+            options = {"acceptance": acceptance, "device": device, "profiles": profile, "foreign_ok": foreign_profile,
+                       "max_depth": max_depth, "progress": report, "warn": warn}
             greedy = plan_for_sampling(draft, targets, SamplingConfig(0.0), dtype=dtype, **options)
             sampled = plan_for_sampling(draft, targets, SamplingConfig(1.0), dtype=greedy.plan.dtype, **options)
         plans = {True: greedy, False: sampled}  # one model serves both: in greedy's dtype

@@ -66,9 +66,8 @@ def serve(
                        "max_depth": max_depth, "progress": report, "warn": warn}
             greedy = plan_for_sampling(draft, targets, SamplingConfig(0.0), dtype=dtype, **options)
             sampled = plan_for_sampling(draft, targets, SamplingConfig(1.0), dtype=greedy.plan.dtype, **options)
-        plans = {True: greedy, False: sampled}  # one model serves both: in greedy's dtype
-        trees, run_dtype = {g: p.plan.tree for g, p in plans.items()}, plans[True].plan.dtype
-        notes = [f"{'greedy' if g else 'sampled'} {p.describe()}" for g, p in plans.items()]
+        trees, run_dtype = {True: greedy.plan.tree, False: sampled.plan.tree}, greedy.plan.dtype  # one model
+        notes = [f"greedy {greedy.describe()}", f"sampled {sampled.describe()}"]
     if max(t.size for t in trees.values()) == 1:
         draft = DraftSpec.resolve("none", target)  # plain decoding loads no draft
     with console.status(f"loading {target}" + ("" if draft.kind in ("none", "ngram") else f" and {draft}")):
@@ -77,7 +76,8 @@ def serve(
         proposer.warmup()
     served = ServedModel(target, loaded.model, loaded.tokenizer, proposer, lambda s: trees[s.greedy], verifier)
     app = create_app(served, max_queue=max_queue)
-    shapes = "; ".join(f"{'greedy' if g else 'sampled'}: tree of {t.size} nodes, depth {t.depth}" for g, t in trees.items())
+    shapes = "; ".join(f"{'greedy' if is_greedy else 'sampled'}: tree of {t.size} nodes, depth {t.depth}"
+                       for is_greedy, t in trees.items())
     err_console.print(f"serving {target} on http://{host}:{port}/v1 (draft {draft}, {run_dtype}; {shapes})",
                       highlight=False, soft_wrap=True)
     for note in notes:

@@ -186,7 +186,7 @@ def choose(
         max_size,
         draft.cap(max_depth),
         top=top,
-        gain=draft.gain if draft.per_step_gain else None,
+        gain=draft.gain,
     )
 
 

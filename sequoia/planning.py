@@ -114,9 +114,8 @@ class DevicePlan:
             return None
         target_ms, draft_ms = self.latency_fns()
         largest = int(max(self.profiles[self.plan.dtype].profile.target.tokens))
-        gain = DraftLimits(per_step_gain=self.per_step_gain).gain if self.per_step_gain else None
         return Replanner(self.plan.tree, self.acceptance, target_ms, draft_ms, largest, self.max_depth,
-                         plain_ms=self.plan.plain_ms, gain=gain)
+                         plain_ms=self.plan.plain_ms, gain=DraftLimits(per_step_gain=self.per_step_gain).gain)
 
     def describe(self) -> str:
         """One line: the dtype and tree chosen, the prediction and the baseline."""

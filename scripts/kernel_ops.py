@@ -3,8 +3,8 @@
 Times one tree forward (:func:`sequoia.forward.tree_forward`, complete 4-ary tree, as the
 profiler does) of the target over a cached prefix, per token count, for two variants of the
 same weights in one process: ``plain`` (as Hugging Face loads it) and ``fast`` (what
-``load_model`` runs: bfloat16 packed by :mod:`sequoia.prepack`, float32 by the calibrated
-:mod:`sequoia.kernels`). Rounds interleave variants and token counts (alternating order), so
+``load_model`` runs: the kernels :mod:`sequoia.kernels` calibrated for this device and dtype),
+or ``force-<kernel>`` (one kernel everywhere). Rounds interleave variants and token counts (alternating order), so
 load from other processes spreads over every cell; medians are reported.
 
 Per-op times come from forward hooks (pre/post ``perf_counter``) on each linear (q/k/v/o,
@@ -56,7 +56,6 @@ import torch  # noqa: E402
 from sequoia import kernel_tuning, kernels  # noqa: E402
 from sequoia.forward import keep_path, tree_forward  # noqa: E402
 from sequoia.models import load_model  # noqa: E402
-from sequoia.prepack import prepack_linears  # noqa: E402
 from sequoia.profiler import prefill, representative_tree  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -120,8 +119,10 @@ def main() -> None:
             models[variant] = loaded.model
         else:
             fast = copy.deepcopy(loaded.model)
-            prepack_linears(fast)
-            kernel_tuning.apply_kernels(fast, force=None if variant == "fast" else variant.removeprefix("force-"))
+            if variant == "fast":
+                kernel_tuning.use_fast_kernels(fast)
+            else:
+                kernel_tuning.apply_kernels(fast, force=variant.removeprefix("force-"))
             models[variant] = fast
     print(f"# {kernel_tuning.cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, isa={ARGS.isa}, "
           f"{ARGS.dtype}, {ARGS.threads} threads, prefix {ARGS.prefix}, repeats {ARGS.repeats}, "

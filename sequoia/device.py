@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 FINGERPRINT_VERSION = 1
-KERNELS_VERSION = 5  # of sequoia.kernels and their calibration: measurements made with older ones are stale
+KERNELS_VERSION = 6  # of sequoia.kernels and their calibration: measurements made with older ones are stale
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                 "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")

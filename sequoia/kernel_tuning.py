@@ -28,6 +28,7 @@ from torch import nn
 
 from sequoia.device import KERNELS_VERSION, cpu_model
 from sequoia.errors import FileFormatError
+from sequoia.extension import module_name
 from sequoia.files import cache_dir, read_json, write_json_atomic
 from sequoia.kernels import (
     ATTR,
@@ -39,11 +40,13 @@ from sequoia.kernels import (
     Plan,
     eligible,
     worth_it,
+    DTYPES,
     candidates,
+    default_kernel,
     linear_groups,
     shape_name,
 )
-from sequoia.prepack import can_prepack, packable, prepack_linears
+from sequoia.prepack import prepack_linears
 
 MARGIN = 0.05  # another kernel replaces `plain` only when at least this much faster
 STREAM_BYTES = 48 << 20  # calibrate on enough layers of one shape to stream from memory (past L3), as a forward does
@@ -58,7 +61,8 @@ FORMAT = "sequoia-kernels/1"
 def device_key(dtype: torch.dtype, shapes: Sequence[str]) -> dict[str, Any]:
     """Everything a kernel choice depends on: CPU model, the ISA torch dispatches to, the
     environment settings that cap the ISA (how an AVX2 machine is emulated), threads and how
-    they wait, torch, dtype, the layer shapes and the candidate kernels."""
+    they wait, torch, dtype, the layer shapes and the candidate kernels (the compiled one by
+    the hash of its source)."""
     return {
         "cpu_model": cpu_model(),
         "machine": platform.machine(),
@@ -69,7 +73,8 @@ def device_key(dtype: torch.dtype, shapes: Sequence[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "shapes": sorted(shapes),
-        "kernels": list(candidates()),
+        "kernels": list(candidates(dtype)),
+        "compiled": module_name() if "rows" in candidates(dtype) else None,  # its source and flags
         "buckets": list(ROW_BUCKETS),
         "method": METHOD,
     }
@@ -115,20 +120,25 @@ def cache_path(key: dict[str, Any]) -> Path:
 
 
 def calibrate(
-    model: nn.Module, repeats: int = 6, kernels: Sequence[str] | None = None, use_cache: bool = True
+    model: nn.Module,
+    repeats: int = 6,
+    kernels: Sequence[str] | None = None,
+    use_cache: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Calibration:
-    """The fastest kernel per float32 CPU linear shape of ``model`` and row bucket, read from
+    """The fastest kernel per ``dtype`` CPU linear shape of ``model`` and row bucket, read from
     the cache when this device was calibrated before, else measured (and cached).
 
     For each shape, enough of the model's own layers of that shape to stream
     :data:`STREAM_BYTES` from memory (as a forward pass does) run back to back on random rows;
     kernels take turns call by call (:func:`_time_group`); all shapes are timed in
     :data:`PASSES` passes of ``repeats / PASSES`` rounds each and a kernel's time is its best
-    pass, so a burst of load from other processes during one pass spoils nothing. ``plain``
-    keeps a bucket unless another kernel is :data:`MARGIN` faster.
+    pass, so a burst of load from other processes during one pass spoils nothing. The dtype's
+    :func:`~sequoia.kernels.default_kernel` keeps a bucket unless another kernel is
+    :data:`MARGIN` faster.
     """
-    groups = linear_groups(model)
-    key = device_key(torch.float32, list(groups))
+    groups = linear_groups(model, dtype)
+    key = device_key(dtype, list(groups))
     path = cache_path(key)
     if use_cache and path.is_file():
         try:
@@ -137,13 +147,13 @@ def calibrate(
                 return cached
         except FileFormatError:
             pass  # measure again and overwrite
-    kernels = tuple(kernels or candidates())
+    kernels = tuple(kernels or candidates(dtype))
     start = time.perf_counter()
     passes = [{shape: _time_group(layers, kernels, -(-repeats // PASSES)) for shape, layers in groups.items()}
               for _ in range(PASSES)]
     timings = {shape: {k: [min(p[shape][k][b] for p in passes) for b in range(len(ROW_BUCKETS))] for k in kernels}
                for shape in groups}
-    plans = {shape: _choose(t) for shape, t in timings.items()}
+    plans = {shape: _choose(t, default_kernel(dtype)) for shape, t in timings.items()}
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result = Calibration(key, plans, timings, time.perf_counter() - start, date)
     if use_cache:
@@ -168,7 +178,8 @@ def _time_group(layers: list[nn.Linear], kernels: Sequence[str], repeats: int) -
     per_layer = layers[0].weight.numel() * layers[0].weight.element_size()
     used = layers[: max(1, min(len(layers), -(-STREAM_BYTES // per_layer)))]
     fast = {k: [FastLinear(layer, (k,) * len(ROW_BUCKETS)) for layer in used] for k in kernels}
-    inputs = [torch.randn(1, rows, used[0].in_features) for rows in ROW_BUCKETS]  # [1, rows, in] each
+    dtype = used[0].weight.dtype
+    inputs = [torch.randn(1, rows, used[0].in_features, dtype=dtype) for rows in ROW_BUCKETS]  # [1, rows, in] each
     samples: dict[str, list[list[float]]] = {k: [[] for _ in ROW_BUCKETS] for k in kernels}
     alive = [list(kernels) for _ in ROW_BUCKETS]
     clock, turns = time.perf_counter, len(kernels)
@@ -193,43 +204,51 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _choose(timings: dict[str, list[float]]) -> Plan:
+def _choose(timings: dict[str, list[float]], default: str) -> Plan:
     plan = []
     for b in range(len(ROW_BUCKETS)):
         best = min(timings, key=lambda k: timings[k][b])
-        if "plain" in timings and timings["plain"][b] <= timings[best][b] * (1 + MARGIN):
-            best = "plain"
+        if default in timings and timings[default][b] <= timings[best][b] * (1 + MARGIN):
+            best = default
         plan.append(best)
     return tuple(plan)
 
 
 # ---------------------------------------------------------------------------- applying
 def apply_kernels(model: nn.Module, calibration: Calibration | None = None, force: str | None = None) -> int:
-    """Swap, in place, every float32 CPU ``nn.Linear`` of ``model`` whose calibrated plan is
-    not all ``plain`` for a :class:`FastLinear`; returns how many were swapped. Models with
-    under :data:`MIN_BYTES` of such weights, or not wholly on the CPU, are left alone unless a
-    ``calibration`` or ``force`` is given.
+    """Swap, in place, the CPU ``nn.Linear`` layers of ``model`` (float32 and bfloat16) whose
+    calibrated plan differs from plain ``F.linear`` for a :class:`FastLinear`; returns how many
+    were swapped. Models with under :data:`MIN_BYTES` of such weights, or not wholly on the
+    CPU, are left alone unless a ``calibration`` or ``force`` is given.
 
-    ``calibration`` defaults to :func:`calibrate` (cached per device);
-    ``force`` names one kernel for every shape and bucket instead (tests, A/B runs). Shared modules (a tied or
-    reused layer) are swapped once. The choice is recorded on the model (:func:`describe`).
+    ``calibration`` (of the model's dtype) defaults to :func:`calibrate`, cached per device and
+    dtype; ``force`` names one kernel for every shape and bucket instead (tests, A/B runs).
+    Shared modules (a tied or reused layer) are swapped once. The choice is recorded on the
+    model (:func:`describe`).
     """
-    groups = linear_groups(model)
-    if not groups or (force is None and calibration is None and not worth_it(model, groups)):
-        return 0
-    if force is not None:
-        assert force in candidates(), f"kernel {force!r} is not available here"
-        plans = {shape: (force,) * len(ROW_BUCKETS) for shape in groups}
-        calibration = Calibration(device_key(torch.float32, list(groups)), plans, {}, 0.0, "", "forced")
-    elif calibration is None:
-        calibration = calibrate(model)
+    swapped = 0
+    for dtype in DTYPES:
+        groups = linear_groups(model, dtype)
+        if not groups or (force is None and calibration is None and not worth_it(model, groups)):
+            continue
+        if force is not None:
+            assert force in candidates(dtype), f"kernel {force!r} is not available here for {dtype}"
+            plans = {shape: (force,) * len(ROW_BUCKETS) for shape in groups}
+            chosen = Calibration(device_key(dtype, list(groups)), plans, {}, 0.0, "", "forced")
+        else:
+            chosen = calibration or calibrate(model, dtype=dtype)
+        swapped += _swap(model, dtype, chosen)
+    return swapped
+
+
+def _swap(model: nn.Module, dtype: torch.dtype, calibration: Calibration) -> int:
     swapped: dict[int, FastLinear] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not eligible(child):
+            if not eligible(child, dtype):
                 continue
             plan = calibration.plans.get(shape_name(child))
-            if plan is None or set(plan) == {"plain"}:
+            if plan is None or (set(plan) == {"plain"} and default_kernel(dtype) == "plain"):
                 continue
             if id(child) not in swapped:
                 swapped[id(child)] = FastLinear(child, plan)
@@ -240,22 +259,14 @@ def apply_kernels(model: nn.Module, calibration: Calibration | None = None, forc
 
 
 def use_fast_kernels(model: nn.Module) -> int:
-    """What ``load_model(..., prepack=True)`` applies: bfloat16 CPU linears packed for oneDNN
-    (:mod:`sequoia.prepack`) and float32 CPU linears on their calibrated kernels
-    (:func:`apply_kernels`). Returns how many linear layers changed."""
-    return prepack_linears(model) + apply_kernels(model)
+    """What ``load_model(..., prepack=True)`` applies: float32 and bfloat16 CPU linears on their
+    calibrated kernels (:func:`apply_kernels`), and bfloat16 ones of models too small to
+    calibrate packed for oneDNN (:mod:`sequoia.prepack`). Returns how many layers changed."""
+    return apply_kernels(model) + prepack_linears(model)
 
 
 def fast_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with :func:`use_fast_kernels` applied (the original stays plain,
     e.g. for a ``generate`` baseline); ``model`` itself where nothing would change."""
-    packs = can_prepack() and any(packable(m) for m in model.modules())
-    groups = linear_groups(model)
-    calibration = calibrate(model) if groups and worth_it(model, groups) else None
-    if not packs and (calibration is None or all(set(p) == {"plain"} for p in calibration.plans.values())):
-        return model
     faster = copy.deepcopy(model)
-    prepack_linears(faster)
-    if calibration is not None:
-        apply_kernels(faster, calibration)
-    return faster
+    return faster if use_fast_kernels(faster) else model

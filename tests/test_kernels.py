@@ -1,5 +1,5 @@
-"""Calibrated float32 linear kernels: equal logits to float32 rounding, greedy identity, the
-device-keyed calibration cache, and where the swap applies (no timing assertions)."""
+"""Calibrated linear kernels (float32 and bfloat16): equal logits to the dtype's rounding, greedy
+identity, the device-keyed calibration cache, and where the swap applies (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -24,11 +25,16 @@ from sequoia.profiler import representative_tree
 from sequoia.tree import Tree
 
 AVAILABLE = [k for k in kernels.candidates() if k != "plain"]
+BF16 = [k for k in kernels.candidates(torch.bfloat16) if k != "plain"]
 MIXED = ("onednn", "wxt", "plain", "onednn", "wxt", "plain", "onednn") if "onednn" in AVAILABLE else ("wxt",) * 7
 
 
 def _model(seed: int = 0) -> nn.Module:
     return tiny_llama(seed=seed, vocab_size=96, hidden_size=64)
+
+
+def _bf16_model(seed: int = 0) -> nn.Module:
+    return _model(seed).to(torch.bfloat16)
 
 
 def _forced(model: nn.Module, kernel: str | tuple[str, ...]) -> nn.Module:
@@ -157,13 +163,97 @@ def test_all_plain_plan_and_small_models_stay_plain(cache):
     assert describe(model)["fast_linears"] == 0
 
 
-def test_leaves_bfloat16_and_shared_modules_once():
-    bf16 = _model().to(torch.bfloat16)
-    assert apply_kernels(bf16, force=AVAILABLE[0]) == 0
+def test_shared_modules_are_swapped_once():
     shared = nn.Linear(8, 8)
     model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
     assert apply_kernels(model, force=AVAILABLE[0]) == 1
     assert model["a"][0] is model["b"][0] and isinstance(model["a"][0], FastLinear)
+
+
+# ---------------------------------------------------------------------------- bfloat16
+@pytest.mark.parametrize("kernel", BF16)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 33])
+@pytest.mark.parametrize(("fan_in", "fan_out", "bias"), [(48, 80, False), (52, 83, True)])  # 52, 83: no multiple of 8 or 4
+@torch.no_grad()
+def test_bf16_fast_linear_equals_the_float32_product_rounded_once(kernel, rows, fan_in, fan_out, bias):
+    torch.manual_seed(rows)
+    linear = nn.Linear(fan_in, fan_out, bias=bias).to(torch.bfloat16)
+    fast = FastLinear(linear, (kernel,) * len(ROW_BUCKETS))
+    x = torch.randn(2, rows, fan_in, dtype=torch.bfloat16)
+    y = fast(x)
+    assert y.shape == (2, rows, fan_out) and y.dtype == torch.bfloat16
+    exact = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
+    # float32 sums in any order, rounded to bfloat16 once: within one bfloat16 step of the exact product
+    torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.skipif("rows" not in BF16, reason="the compiled kernel is not available here")
+@torch.no_grad()
+def test_rows_kernel_gives_each_row_the_same_result_whatever_the_rows_beside_it():
+    """Tree verification and one-token decoding must see the same product for a token."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 300, bias=True).to(torch.bfloat16)
+    fast = FastLinear(linear, ("rows",) * len(ROW_BUCKETS))
+    x = torch.randn(13, 576, dtype=torch.bfloat16)
+    together = fast(x)
+    assert all(torch.equal(fast(x[i : i + 1])[0], together[i]) for i in range(13))
+
+
+@pytest.mark.parametrize("kernel", BF16)
+@pytest.mark.parametrize("n", [1, 4, 16, 32])
+@torch.no_grad()
+def test_bf16_tree_forward_logits_close_to_plain(kernel, n):
+    plain = _bf16_model()
+    fast = _forced(plain, kernel)
+    assert not any(type(m) is nn.Linear for m in fast.modules())
+    gen = torch.Generator().manual_seed(n)
+    prefix, tokens = torch.randint(0, 96, (11,), generator=gen), torch.randint(0, 96, (n,), generator=gen)
+    logits = []
+    for model in (plain, fast):
+        cache = DynamicCache()
+        model(input_ids=prefix[None], use_cache=True, **cache_kwargs(model, cache))
+        logits.append(tree_forward(model, tokens, representative_tree(n), cache, prefix_len=11).logits[0].float())
+    torch.testing.assert_close(logits[1], logits[0], rtol=0.05, atol=0.05)  # bfloat16 rounding through 2 layers
+
+
+@pytest.mark.parametrize("kernel", BF16)
+def test_bf16_greedy_tree_decoding_matches_plain_decoding_with_the_same_kernels(kernel):
+    fast = _forced(_bf16_model(), kernel)
+    prompt = torch.tensor([1, 5, 9, 3, 5, 9])
+    expected = fast.generate(prompt[None], attention_mask=torch.ones(1, 6, dtype=torch.long), do_sample=False,
+                             max_new_tokens=24, pad_token_id=0)[0, 6:].tolist()
+    engine = Engine(fast, NgramProposer(), Tree.from_children_counts([3, 2, 1]))
+    assert [t for s in engine.generate(prompt, 24) for t in s.tokens] == expected
+
+
+def test_bf16_calibration_keeps_the_default_unless_beaten(cache, monkeypatch):
+    model = _bf16_model()
+    chosen = calibrate(model, repeats=1, dtype=torch.bfloat16)
+    assert chosen.key["dtype"] == "bfloat16" and chosen.key["kernels"] == list(kernels.candidates(torch.bfloat16))
+    for shape, plan in chosen.plans.items():
+        for b, kernel in enumerate(plan):
+            times = chosen.timings[shape]
+            default = kernels.default_kernel(torch.bfloat16)
+            assert kernel == default or times[kernel][b] * (1 + kernel_tuning.MARGIN) < times[default][b]
+    assert calibrate(model, dtype=torch.bfloat16).source == "cached"
+    assert calibrate(model, repeats=1).key["dtype"] == "float32"  # a model with no float32 layers: nothing timed
+
+
+def test_bf16_layers_of_small_models_get_the_default_kernel():
+    model = _bf16_model()
+    kernel_tuning.use_fast_kernels(model)
+    packed = kernels.default_kernel(torch.bfloat16) == "onednn"
+    assert any(type(m) is nn.Linear for m in model.modules()) is not packed
+
+
+def test_compiled_kernel_can_be_switched_off(monkeypatch):
+    from sequoia import extension
+
+    monkeypatch.setenv(extension.DISABLE_ENV, "1")
+    assert extension._unavailable() == f"{extension.DISABLE_ENV} is set"
+    monkeypatch.setattr(kernels, "bf16_rows", lambda: None)
+    assert "rows" not in kernels.candidates(torch.bfloat16)
+    assert "rows" not in kernels.candidates(torch.float32)
 
 
 def test_load_model_applies_the_calibrated_kernels_unless_opted_out(tmp_path, cache, monkeypatch):

@@ -4,9 +4,10 @@ For each built-in prompt: greedy ``generate`` on the model as Hugging Face loads
 ``generate`` with the kernels ``load_model`` applies, and tree decoding (engine, n-gram draft,
 a 16-node tree) with those kernels. Tree decoding must equal ``generate`` with the same kernels;
 where the kernels' ``generate`` differs from the plain one, prints the first divergence and the
-plain model's top-2 logit gap there (a divergence is acceptable only at a float32 tie).
+plain model's top-2 logit gap there (a divergence is acceptable only at a tie to the dtype's
+precision).
 
-    python scripts/kernel_identity.py --prompts 8 --max-new-tokens 64
+    python scripts/kernel_identity.py --prompts 8 --max-new-tokens 64 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from sequoia.drafts import NgramProposer
 from sequoia.engine import Engine
 from sequoia.kernels import describe
-from sequoia.kernel_tuning import use_fast_kernels
+from sequoia.kernel_tuning import apply_kernels, use_fast_kernels
 from sequoia.models import eos_token_ids, load_model
 from sequoia.prompts import load_prompts, render_prompt
 from sequoia.solver import solve
@@ -37,11 +38,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--force", help="one kernel for every layer and row count instead of the calibrated plan")
     args = parser.parse_args()
-    loaded = load_model(args.model, threads=args.threads, prepack=False)
+    loaded = load_model(args.model, dtype=args.dtype, threads=args.threads, prepack=False)
     plain, tok = loaded.model, loaded.tokenizer
     fast = copy.deepcopy(plain)
-    use_fast_kernels(fast)
+    if args.force:
+        apply_kernels(fast, force=args.force)
+    else:
+        use_fast_kernels(fast)
     print("kernels:", describe(fast)["plans"])
     tree = solve([0.45, 0.15, 0.08, 0.05], 16, 4).tree(16, 4)
     engine = Engine(fast, NgramProposer(), tree, eos_token_ids=eos_token_ids(plain, tok))
@@ -50,16 +56,20 @@ def main() -> None:
         ours = greedy(fast, ids, args.max_new_tokens, tok.pad_token_id)
         tree_out = [t for s in engine.generate(ids, args.max_new_tokens) for t in s.tokens]
         theirs = greedy(plain, ids, args.max_new_tokens, tok.pad_token_id)
-        line = f"{prompt.text[:40]!r:44} tree==generate(same kernels): {tree_out == ours}; vs plain generate: "
-        where = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        if where is None:
-            print(line + f"identical ({len(ours)} tokens)")
-            continue
-        with torch.no_grad():
-            logits = plain(torch.cat([ids, torch.tensor(theirs[:where], dtype=torch.long)])[None]).logits[0, -1]
-        top = logits.topk(2)
-        print(line + f"first divergence at token {where}: plain top-2 {top.indices.tolist()} gap {float(top.values[0] - top.values[1]):.2e}")
+        print(f"{prompt.text[:40]!r:44} tree vs generate (same kernels): {divergence(fast, ids, tree_out, ours)}; "
+              f"generate (kernels) vs plain generate: {divergence(plain, ids, ours, theirs)}")
 
+
+def divergence(model, ids: torch.Tensor, ours: list[int], theirs: list[int]) -> str:
+    """Where two greedy continuations first differ, with ``model``'s top-2 logits on ``theirs``
+    path there (gap and the top logit, to judge a tie at the dtype's precision)."""
+    where = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if where is None:
+        return f"identical ({len(ours)} tokens)"
+    with torch.no_grad():
+        logits = model(torch.cat([ids, torch.tensor(theirs[:where], dtype=torch.long)])[None]).logits[0, -1].float()
+    top = logits.topk(2)
+    return f"token {where}, top-2 {top.indices.tolist()} gap {float(top.values[0] - top.values[1]):.3g} (top {float(top.values[0]):.3g})"
 
 if __name__ == "__main__":
     main()

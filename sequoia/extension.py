@@ -9,9 +9,10 @@ half a minute on two cores -- into torch's extension directory (``$TORCH_EXTENSI
 else ``~/.cache/torch_extensions``) under a name that hashes the source, the flags and torch,
 so later processes load it in well under a second. :func:`build_info` says what it cost.
 
-Anything that stops it -- a CPU without AVX2 and FMA, no C++ compiler or ninja,
-``SEQUOIA_NO_EXTENSIONS=1`` -- makes :func:`bf16_rows` return ``None`` (the reason is in
-:func:`build_info`): the kernel is then simply not a candidate.
+Anything that stops it -- a CPU without AVX2 and FMA, no C++ compiler or ninja, a failed build
+(remembered in the build directory, so later processes don't retry it), ``SEQUOIA_NO_EXTENSIONS=1``
+-- makes :func:`bf16_rows` return ``None`` (the reason is in :func:`build_info`): the kernel is then
+simply not a candidate.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def module_name() -> str:
 def bf16_rows() -> ModuleType | None:
     """The compiled kernel module (``linear(x, weight, bias=None)``), or ``None`` where it cannot
     be built or run here; compiled once per machine and torch, loaded from the cache after."""
+    _INFO.clear()
     reason = _unavailable()
     if reason:
         _INFO.update(available=False, reason=reason)
@@ -56,14 +58,19 @@ def bf16_rows() -> ModuleType | None:
 
     name = module_name()
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    record = build_dir / "sequoia-build.json"
+    record, failed = build_dir / "sequoia-build.json", build_dir / "sequoia-build-failed.txt"
+    if failed.is_file():  # this source failed to build here before: don't pay for trying again
+        _INFO.update(available=False, reason=f"build failed earlier ({failed}): {failed.read_text()[:200]}")
+        return None
     cold = not record.is_file()
     start = time.perf_counter()
     try:
         module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
                                     build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # noqa: BLE001 -- a failed build only removes a candidate kernel
-        _INFO.update(available=False, reason=f"build failed: {str(exc).strip().splitlines()[-1][:200]}")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        failed.write_text(reason)
+        _INFO.update(available=False, reason=f"build failed: {reason}")
         return None
     seconds = time.perf_counter() - start
     if cold:

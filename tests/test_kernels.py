@@ -354,3 +354,27 @@ def test_real_model_bf16_rows_kernel_diverges_only_at_near_ties():
                 prefix = torch.cat([ids, torch.tensor(same_kernels[: where[0]], dtype=torch.long)])
                 top = fast(prefix[None]).logits[0, -1].float().max().abs().item()
             assert where[1] <= BF16_TIE * top, f"{text!r}: diverges at {where[0]} with top-2 gap {where[1]} (top {top})"
+
+
+def test_a_failed_build_is_remembered_and_not_retried(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from sequoia import extension
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(kwargs["build_directory"])
+        raise RuntimeError("Error building extension\nc++: fatal error: no input files")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(extension, "_unavailable", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    extension.bf16_rows.cache_clear()
+    try:
+        assert extension.bf16_rows() is None and "no input files" in extension.build_info()["reason"]
+        extension.bf16_rows.cache_clear()
+        assert extension.bf16_rows() is None and "failed earlier" in extension.build_info()["reason"]
+        assert len(calls) == 1
+    finally:
+        extension.bf16_rows.cache_clear()

@@ -68,7 +68,8 @@ def bf16_rows() -> ModuleType | None:
         module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
                                     build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # noqa: BLE001 -- a failed build only removes a candidate kernel
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        reason = next((line for line in lines if "error:" in line), lines[-1])[:300]  # the compiler's first error
         failed.write_text(reason)
         _INFO.update(available=False, reason=f"build failed: {reason}")
         return None

@@ -189,7 +189,7 @@ def _show_card(card: dict) -> None:
     costs = ev.get("cost_ms_per_level", {})
     if costs:
         shown = [w for w in ("1", "2", "4", "8", "16") if w in costs]
-        listed = ", ".join(f"{w} nodes {costs[w]:.2f}" for w in shown)
+        listed = ", ".join(f"{w} nodes {costs[w]:.2f}" for w in shown) + (f"; per step {costs['0']:+.2f}" if "0" in costs else "")
         console.print(f"cost per tree level (ms, bfloat16, {ev.get('cost_threads', '?')} threads): {listed}")
     acc = card.get("acceptance")
     if acc:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from sequoia import device as devices
 from sequoia.errors import ConfigError
+from sequoia.optimizer import STEP_KEY
 from sequoia.profile import DEFAULT_PREFIXES, DEFAULT_TOKENS, DEFAULT_WIDTHS, KNEE_FACTOR, LatencyGrid, Profile
 from sequoia_cli.common import console, err_console, handles_errors, progress_bar
 
@@ -128,8 +129,9 @@ def _run_cached(model: str, device: str, dtype: str | None, threads: int | None,
         how = f"measured now in {hit.seconds:.0f} s" if hit.measured else "cached"
         console.print(f"{d}: {how}: {hit.path}", highlight=False, soft_wrap=True)
     for d, c in costs.items():
-        shown = ", ".join(f"{w}: {ms:.2f}" for w, ms in sorted(c.level_ms.items())) or "free"
-        console.print(f"draft {draft} per tree level in {c.dtype or d} ({c.source}), ms by width: {shown}",
+        shown = ", ".join(f"{w}: {ms:.2f}" for w, ms in sorted(c.level_ms.items()) if w != STEP_KEY) or "free"
+        step = f"; per step {c.level_ms[STEP_KEY]:+.2f}" if STEP_KEY in c.level_ms else ""
+        console.print(f"draft {draft} per tree level in {c.dtype or d} ({c.source}), ms by width: {shown}{step}",
                       highlight=False, soft_wrap=True)
     _print_side_by_side({d: hit.profile for d, hit in found.items()})
     console.print(f"cache: {cache.cache_dir() / 'profiles'}"

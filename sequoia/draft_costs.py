@@ -1,16 +1,17 @@
 """A draft's cost per tree level on this device, in the dtype the engine runs it.
 
-The optimizer prices every level a draft expands. Those costs are measured here, never carried
-from another machine: a trained draft through its proposer's level timing
-(:func:`sequoia.drafts.training.evaluate.level_costs`; in bfloat16 where the device computes
-it, whatever the target's dtype), an early-exit or LM draft with the profiler's per-level grid
+The optimizer prices every level a draft expands, and a trained draft's cost per step beyond
+its levels (key ``0``: taking in the accepted tokens, with its weights out of cache after the
+target's forward). Those costs are measured here, never carried from another machine: a trained
+draft through its proposer's level timing (:func:`sequoia.drafts.training.evaluate.level_costs`;
+in bfloat16 where the device computes it, whatever the target's dtype), an early-exit or LM draft with the profiler's per-level grid
 in the target's dtype; n-gram and no draft are free. A trained draft's card costs are used as
-they are only when the card records this device's fingerprint (``evaluation.cost_fingerprint``);
-an older card, or one measured elsewhere, is timed again. Measured costs are cached next to the
+they are only when the card records this device's fingerprint (``evaluation.cost_fingerprint``)
+and a cost per step; an older card, or one measured elsewhere, is timed again. Measured costs are cached next to the
 device's profiles as ``sequoia-draft-cost/1`` records::
 
     costs = device_draft_costs(DraftSpec.resolve(None, "smollm2-135m"), "smollm2-135m", ["bfloat16"])
-    costs["bfloat16"].level_ms   # {1: 1.9, 2: 2.1, ...} ms by level width
+    costs["bfloat16"].level_ms   # {0: 0.9, 1: 1.9, 2: 2.1, ...} ms by level width; per step at 0
     costs["bfloat16"].source     # "card", "cache", "measured" or "free"
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 from sequoia.device import same_device
 from sequoia.errors import ConfigError
 from sequoia.files import read_json, write_json_atomic
+from sequoia.optimizer import STEP_KEY
 from sequoia.profile_cache import Progress, Targets, draft_cost_path, here, model_name, quick_prefixes
 
 DRAFT_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -55,13 +57,18 @@ def card_costs(card: dict[str, Any] | None) -> tuple[dict[int, float], dict[str,
 
 
 def read_draft_costs(path: Path, fp: dict[str, Any]) -> DraftCosts | None:
+    """The cached costs at ``path`` if measured on this device (a trained draft's only if they
+    include its cost per step, which older measurements lack)."""
     if not path.is_file():
         return None
     try:
         doc = read_json(path)
         if doc.get("format") != DRAFT_COST_FORMAT or not same_device(doc.get("fingerprint"), fp):
             return None
-        return DraftCosts({int(w): float(ms) for w, ms in doc["level_ms"].items()}, "cache", doc.get("dtype"))
+        level_ms = {int(w): float(ms) for w, ms in doc["level_ms"].items()}
+        if doc.get("kind") == "trained" and STEP_KEY not in level_ms:
+            return None
+        return DraftCosts(level_ms, "cache", doc.get("dtype"))
     except (ConfigError, AttributeError, KeyError, TypeError, ValueError):
         return None
 
@@ -134,7 +141,7 @@ def device_draft_costs(
 
         run_dtype = trained_draft_dtype(device)
         level_ms, card_fp, card_dtype = card_costs(spec.card)
-        if level_ms and card_fp is not None and same_device(card_fp, fp) and card_dtype == run_dtype:
+        if STEP_KEY in level_ms and card_fp is not None and same_device(card_fp, fp) and card_dtype == run_dtype:
             costs = DraftCosts(level_ms, "card", run_dtype)
         else:
             costs = _cached_or_measured(spec, fp, name, run_dtype, lambda: targets.any(dtypes[0]), progress)

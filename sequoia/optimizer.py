@@ -80,11 +80,12 @@ def level_widths(tree: Tree) -> np.ndarray:  # [depth + 1]
     return np.bincount(tree.depths, minlength=tree.depth + 1)
 
 
-def evaluate(tree: Tree, expected: float, target_ms: LatencyFn, draft_ms: LatencyFn) -> Candidate:
-    """Predicted cost of one step with ``tree``: the draft runs once per expanded level."""
+def evaluate(tree: Tree, expected: float, target_ms: LatencyFn, draft_ms: LatencyFn, step_ms: float = 0.0) -> Candidate:
+    """Predicted cost of one step with ``tree``: the draft runs once per expanded level, plus
+    its cost per step (:func:`draft_step_ms`) when it runs at all."""
     widths = level_widths(tree)[:-1]  # the deepest level is verified, never expanded
-    draft = float(sum(draft_ms(float(w)) for w in widths))
-    return Candidate(tree, expected, draft, float(target_ms(float(tree.size))))
+    draft = float(sum(draft_ms(float(w)) for w in widths)) + (step_ms if len(widths) else 0.0)
+    return Candidate(tree, expected, max(draft, 0.0), float(target_ms(float(tree.size))))
 
 
 def choose_tree(
@@ -96,9 +97,11 @@ def choose_tree(
     screen: int = 24,
     top: int = 5,
     gain: Callable[[np.ndarray], np.ndarray] | None = None,
+    step_ms: float = 0.0,
 ) -> Choice:
     """Minimise predicted time per token over every tree of ``<= max_size`` nodes and depth
-    ``<= max_depth``; pure, latencies given as functions of the tokens in one forward.
+    ``<= max_depth``; pure, latencies given as functions of the tokens in one forward, plus the
+    draft's cost per step (``step_ms``, :func:`draft_step_ms`).
 
     ``gain`` (by tree size, e.g. :meth:`DraftLimits.gain`) scales the expected tokens per step of
     the solver's trees for a draft that reshapes each step's tree within their size and depth."""
@@ -113,7 +116,7 @@ def choose_tree(
     draft_curve = np.array([draft_ms(n) for n in counts])  # [max_size] ms
     target = target_curve[sizes - 1]
     width = np.maximum((sizes - 1) / np.maximum(depths, 1), 1.0)  # mean nodes per level
-    draft = depths * np.interp(width, counts, draft_curve)
+    draft = np.maximum(depths * np.interp(width, counts, draft_curve) + np.where(depths > 0, step_ms, 0.0), 0.0)
     approx = (draft + target) / values  # [max_size, max_depth + 1] ms per token
     order = np.argsort(approx, axis=None, kind="stable")
     seen: dict[tuple[int, ...], Candidate] = {}
@@ -121,11 +124,14 @@ def choose_tree(
         m, d = np.unravel_index(flat, approx.shape)
         tree = table.tree(int(m) + 1, int(d))
         if tree.parents not in seen:
-            seen[tree.parents] = evaluate(tree, float(values[m, d]), target_ms, draft_ms)
+            seen[tree.parents] = evaluate(tree, float(values[m, d]), target_ms, draft_ms, step_ms)
         if len(seen) >= screen:
             break
     ranked = sorted(seen.values(), key=lambda c: c.ms_per_token)[:top]
     return Choice(tuple(ranked), float(target_ms(1.0)))
+
+
+STEP_KEY = 0  # in a draft's costs by level width: its cost per step beyond its levels (draft_step_ms)
 
 
 @dataclass(frozen=True)
@@ -133,10 +139,14 @@ class DraftLimits:
     """What the tree optimizer must know about a draft before it picks a tree."""
 
     max_depth: int | None = None  # deepest tree the draft can fill; None: any
-    level_ms: dict[int, float] = field(default_factory=dict)  # ms per tree level by width; {}: unknown
+    level_ms: dict[int, float] = field(default_factory=dict)  # ms per tree level by width, per step at 0; {}: unknown
     # (tree size, measured tokens per step of the draft's per-step trees / of static trees of that
     # size): a draft that shapes its tree each step within the plan's size and depth; (): static
     per_step_gain: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def step_ms(self) -> float:
+        return draft_step_ms(self.level_ms)
 
     def cap(self, depth: int) -> int:
         """``depth``, lowered to the deepest tree the draft can fill."""
@@ -187,7 +197,15 @@ def choose(
         draft.cap(max_depth),
         top=top,
         gain=draft.gain,
+        step_ms=0.0 if draft_profile is not None else draft.step_ms,
     )
+
+
+def draft_step_ms(level_ms: Mapping[int, float] | None) -> float:
+    """A trained draft's cost per step beyond its levels' (``level_ms[0]``; 0 where unmeasured):
+    taking in the tokens the last step accepted, net of what its first level saves by starting
+    from the target's own hidden state (so it can be negative; a step's draft cost is not)."""
+    return float((level_ms or {}).get(STEP_KEY, 0.0))
 
 
 def draft_latency_fn(
@@ -205,8 +223,8 @@ def draft_latency_fn(
             widest, measure = float(source.draft.tokens[-1]), lambda w: source.draft_latency(w, prefix_len)
         else:
             widest, measure = float(source.target.tokens[-1]), lambda w: source.latency(w, prefix_len)
-    elif level_ms:
-        widths = np.array(sorted(level_ms), dtype=float)
+    elif level_ms and set(level_ms) - {STEP_KEY}:
+        widths = np.array(sorted(set(level_ms) - {STEP_KEY}), dtype=float)
         costs = np.array([level_ms[int(w)] for w in widths])
         widest, measure = float(widths[-1]), lambda w: float(np.interp(w, widths, costs))
     elif profile.draft is not None:

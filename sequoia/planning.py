@@ -23,7 +23,8 @@ from sequoia.optimizer import (
     choose_plan,
     choose_tree,
     draft_latency_fn,
-    level_widths,
+    draft_step_ms,
+    evaluate,
 )
 from sequoia.draft_costs import DraftCosts, device_draft_costs
 from sequoia.profile_cache import CachedProfile, Progress, Targets, device_dtypes, device_profiles
@@ -101,21 +102,23 @@ class DevicePlan:
     max_depth: int  # after the draft's cap
     per_step_gain: tuple[tuple[int, float], ...] = ()  # a per-step draft's (DraftLimits.per_step_gain)
 
-    def latency_fns(self, dtype: str | None = None) -> tuple[LatencyFn, LatencyFn]:
-        """(target ms by tokens, draft ms by level width) of ``dtype`` (the plan's)."""
+    def latency_fns(self, dtype: str | None = None) -> tuple[LatencyFn, LatencyFn, float]:
+        """(target ms by tokens, draft ms by level width, draft ms per step) of ``dtype`` (the
+        plan's): the arguments after the tree of :func:`~sequoia.optimizer.evaluate`."""
         dtype = dtype or self.plan.dtype
-        profile = self.profiles[dtype].profile
-        draft = draft_latency_fn(profile, None, self.prefix_len, self.draft_costs[dtype].level_ms)
-        return (lambda n: profile.latency(n, self.prefix_len)), draft
+        profile, costs = self.profiles[dtype].profile, self.draft_costs[dtype].level_ms
+        draft = draft_latency_fn(profile, None, self.prefix_len, costs)
+        return (lambda n: profile.latency(n, self.prefix_len)), draft, draft_step_ms(costs)
 
     def replanner(self) -> Replanner | None:
         """A :class:`Replanner` for the plan's tree (None for plain decoding: nothing to fall to)."""
         if self.plan.plain:
             return None
-        target_ms, draft_ms = self.latency_fns()
+        target_ms, draft_ms, step_ms = self.latency_fns()
         largest = int(max(self.profiles[self.plan.dtype].profile.target.tokens))
         return Replanner(self.plan.tree, self.acceptance, target_ms, draft_ms, largest, self.max_depth,
-                         plain_ms=self.plan.plain_ms, gain=DraftLimits(per_step_gain=self.per_step_gain).gain)
+                         plain_ms=self.plan.plain_ms, gain=DraftLimits(per_step_gain=self.per_step_gain).gain,
+                         step_ms=step_ms)
 
     def describe(self) -> str:
         """One line: the dtype and tree chosen, the prediction and the baseline."""
@@ -235,8 +238,10 @@ class Replanner:
         margin: float = PLAIN_MARGIN,
         prior_nodes: float = 50.0,
         gain: Callable[[np.ndarray], np.ndarray] | None = None,  # a per-step draft's (choose_tree)
+        step_ms: float = 0.0,  # the draft's cost per step beyond its levels (draft_step_ms)
     ) -> None:
         self.tree, self.target_ms, self.draft_ms, self.gain = tree, target_ms, draft_ms, gain
+        self.draft_step_ms = step_ms
         self.prior = np.atleast_2d(np.asarray(acceptance, dtype=np.float64))  # [L, k]
         self.by_depth = np.asarray(acceptance).ndim == 2
         self.max_size, self.max_depth = max_size, max_depth
@@ -260,7 +265,7 @@ class Replanner:
         if self.steps == 1:  # the first step pays first-call costs and reuses the prefill's root
             return None
         self.step_ms.setdefault(tree.size, []).append(step - draft)
-        predicted = _draft_cost(tree, self.draft_ms)
+        predicted = evaluate(tree, 1.0, self.target_ms, self.draft_ms, self.draft_step_ms).draft_ms
         if predicted > 0:
             self.draft_ratio.append(draft / predicted)
         if self.phase != "run":
@@ -306,9 +311,12 @@ class Replanner:
             ratio = max(ratios[-1] + slope * (n - sizes[-1]), min(ratios))
         return self.target_ms(n) * ratio
 
+    def draft_correction(self) -> float:
+        """Measured over predicted draft cost per step (median; 1 before any is measured)."""
+        return statistics.median(self.draft_ratio) if self.draft_ratio else 1.0
+
     def corrected_draft_ms(self, width: float) -> float:
-        ratio = statistics.median(self.draft_ratio) if self.draft_ratio else 1.0
-        return self.draft_ms(width) * ratio
+        return self.draft_ms(width) * self.draft_correction()
 
     # ------------------------------------------------------------------ helpers
     def _plain_reference(self) -> float:
@@ -316,7 +324,8 @@ class Replanner:
 
     def _replan(self, why: str) -> Tree | None:
         choice = choose_tree(self.acceptance(), self.corrected_target_ms, self.corrected_draft_ms,
-                             self.max_size, self.max_depth, gain=self.gain)
+                             self.max_size, self.max_depth, gain=self.gain,
+                             step_ms=self.draft_step_ms * self.draft_correction())
         plain = self.corrected_target_ms(1.0)
         best = choice.best
         tree = best.tree if best.size > 1 and best.ms_per_token * self.margin <= plain else PLAIN
@@ -344,6 +353,3 @@ class Replanner:
             if j + 1 < len(path) and ranks[path[j + 1]] < width:
                 self.accepted[row, ranks[path[j + 1]]] += 1
 
-
-def _draft_cost(tree: Tree, draft_ms: LatencyFn) -> float:
-    return float(sum(draft_ms(float(w)) for w in level_widths(tree)[:-1]))

@@ -132,7 +132,7 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
     target.save_pretrained(tmp_path / "target")
     word_tokenizer().save_pretrained(tmp_path / "target")
     save_draft(random_draft("mlp", target, heads=2), tmp_path / "mlp", "tiny")
-    update_card(tmp_path / "mlp", {"evaluation": {"cost_ms_per_level": {"1": 0.5, "16": 1.0}, "cost_dtype": "bfloat16",
+    update_card(tmp_path / "mlp", {"evaluation": {"cost_ms_per_level": {"0": 0.2, "1": 0.5, "16": 1.0}, "cost_dtype": "bfloat16",
                                                   "cost_fingerprint": fingerprint("cpu")}})
     samples = np.array([10.0, 10.1, 10.2, 10.3])[None, :, None].repeat(3, axis=2)  # wide trees are free
     name = str((tmp_path / "target").resolve())

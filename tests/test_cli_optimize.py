@@ -61,7 +61,7 @@ def test_a_trained_draft_caps_the_depth_and_brings_its_cost(tmp_path, tiny_targe
     from sequoia.drafts.card import save_draft, update_card
 
     save_draft(random_draft("mlp", tiny_target, heads=2), tmp_path / "d", "tiny")
-    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 3.0, "16": 4.0}, "cost_dtype": "bfloat16",
+    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"0": 0.5, "1": 3.0, "16": 4.0}, "cost_dtype": "bfloat16",
                                                 "cost_fingerprint": fingerprint("cpu")}})  # measured here
     _write_inputs(tmp_path, draft=str(tmp_path / "d"))
     out = tmp_path / "tree.json"
@@ -72,8 +72,8 @@ def test_a_trained_draft_caps_the_depth_and_brings_its_cost(tmp_path, tiny_targe
     assert result.exit_code == 0, result.output
     tree = Tree.load(out)
     assert 1 <= tree.depth <= 2
-    widths = np.bincount(tree.depths)[:-1]  # expanded levels: 3 ms + 1 ms * (w - 1) / 15 each
-    draft_ms = sum(3.0 + (w - 1) / 15 for w in widths)
+    widths = np.bincount(tree.depths)[:-1]  # expanded levels: 3 ms + 1 ms * (w - 1) / 15 each, 0.5 ms a step
+    draft_ms = 0.5 + sum(3.0 + (w - 1) / 15 for w in widths)
     target_ms = Profile.load(tmp_path / "profile.json").latency(tree.size, 256)
     assert tree.meta["predicted_ms_per_token"] == pytest.approx((draft_ms + target_ms) / tree.meta["expected_tokens"])
 

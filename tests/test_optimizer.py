@@ -94,6 +94,25 @@ def test_card_costs_price_the_draft_and_a_profile_wins_over_them():
     assert free.best.draft_ms == 0.0
 
 
+def test_a_drafts_cost_per_step_is_paid_once_per_drafted_step():
+    target = _grid("tiny", [1, 8, 32, 64], [30.0, 32.0, 40.0, 70.0])
+    profile = Profile(target, {"name": "test"}, {})
+    costs = {0: 4.0, 1: 1.0, 16: 2.0}  # width 0: the cost per step, not a level
+    limits = DraftLimits(None, costs)
+    assert limits.step_ms == 4.0 and DraftLimits().step_ms == 0.0
+    assert draft_latency_fn(profile, None, 256, costs)(1) == pytest.approx(1.0)
+    assert draft_latency_fn(profile, None, 256, {0: 4.0})(8) == 0.0  # no level measured: levels free
+    flat, deep, root = Tree((-1, 0, 0)), Tree((-1, 0, 1, 2)), Tree((-1,))
+    target_ms, level_ms = (lambda n: 30.0), draft_latency_fn(profile, None, 256, costs)
+    assert evaluate(flat, 1.5, target_ms, level_ms, 4.0).draft_ms == pytest.approx(4.0 + 1.0)  # one level: the root
+    assert evaluate(deep, 1.5, target_ms, level_ms, 4.0).draft_ms == pytest.approx(4.0 + 3.0)  # once, not per level
+    assert evaluate(root, 1.0, target_ms, level_ms, 4.0).draft_ms == 0.0  # no draft runs
+    assert evaluate(flat, 1.5, target_ms, level_ms, -5.0).draft_ms == 0.0  # never negative
+    priced = choose(profile, P, prefix_len=256, max_depth=8, draft=limits)
+    assert priced.best.draft_ms == pytest.approx(
+        4.0 + sum(draft_latency_fn(profile, None, 256, costs)(w) for w in level_widths(priced.best.tree)[:-1]))
+
+
 def test_a_per_step_gain_scales_expected_tokens_by_tree_size():
     limits = DraftLimits(per_step_gain=((16, 1.05), (32, 1.10), (64, 1.02)))
     gains = limits.gain(np.array([1, 2, 16, 32, 45, 64, 128]))

@@ -108,16 +108,20 @@ def test_a_cards_costs_count_only_on_the_device_that_measured_them(tiny_dir, tmp
 
     save_draft(random_draft("mlp", tiny_llama(seed=0), heads=2), tmp_path / "d", "tiny")
     run_dtype = trained_draft_dtype("cpu")
-    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 7.0, "16": 9.0}, "cost_dtype": run_dtype,
-                                                "cost_fingerprint": fingerprint("cpu")}})
+    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"0": 0.5, "1": 7.0, "16": 9.0},
+                                                "cost_dtype": run_dtype, "cost_fingerprint": fingerprint("cpu")}})
     here_card = costs_.device_draft_costs(DraftSpec.resolve(tmp_path / "d", tiny_dir), tiny_dir, ["float32"])
-    assert here_card["float32"] == costs_.DraftCosts({1: 7.0, 16: 9.0}, "card", run_dtype)
-    # a card measured elsewhere (or before fingerprints) is timed again here, then cached
-    update_card(tmp_path / "d", {"evaluation": {"cost_ms_per_level": {"1": 7.0, "16": 9.0}, "cost_dtype": run_dtype}})
-    spec = DraftSpec.resolve(tmp_path / "d", tiny_dir)
-    measured = costs_.device_draft_costs(spec, tiny_dir, ["float32", "bfloat16"])
-    assert measured["float32"].source == "measured" and measured["float32"] is measured["bfloat16"]
-    assert sorted(measured["float32"].level_ms) == list(costs_.DRAFT_WIDTHS)
+    assert here_card["float32"] == costs_.DraftCosts({0: 0.5, 1: 7.0, 16: 9.0}, "card", run_dtype)
+    # a card measured elsewhere (or before fingerprints, or without a cost per step) is timed
+    # again here, then cached
+    for evaluation in ({"cost_ms_per_level": {"0": 0.5, "1": 7.0, "16": 9.0}, "cost_dtype": run_dtype},
+                       {"cost_ms_per_level": {"1": 7.0, "16": 9.0}, "cost_dtype": run_dtype,
+                        "cost_fingerprint": fingerprint("cpu")}):
+        update_card(tmp_path / "d", {"evaluation": evaluation})
+        spec = DraftSpec.resolve(tmp_path / "d", tiny_dir)
+        measured = costs_.device_draft_costs(spec, tiny_dir, ["float32", "bfloat16"])
+        assert measured["float32"].source in ("measured", "cache") and measured["float32"] is measured["bfloat16"]
+    assert sorted(measured["float32"].level_ms) == [0, *costs_.DRAFT_WIDTHS]
     assert costs_.device_draft_costs(spec, tiny_dir, ["float32"])["float32"].source == "cache"
     assert costs_.device_draft_costs(DraftSpec.resolve("ngram", tiny_dir), tiny_dir, ["float32"])["float32"].source == "free"
 

@@ -163,13 +163,13 @@ def tree_methods(
     seed: int = 0,
     max_depth: int | None = None,
     replanner: Replanner | None = None,
-    latency: tuple[LatencyFn, LatencyFn] | None = None,
+    latency: tuple[LatencyFn, LatencyFn, float] | None = None,
 ) -> list[Method]:
     """The optimizer's tree and the best chain, k-ary and k-chains trees within its size (and
     ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads); only the
     first when it is one node (plain decoding: the others would be the same). ``replanner``
     goes with the optimizer's tree, as in ``sequoia generate``; ``latency`` (target ms by
-    tokens, draft ms by level width) predicts each tree's time per token."""
+    tokens, draft ms by level width, draft ms per step) predicts each tree's time per token."""
     trees = {"sequoia": sequoia_tree}
     depth = max(sequoia_tree.size - 1, 0)
     if max_depth is not None:
@@ -271,7 +271,7 @@ def setting_methods(
     assistant: PreTrainedModel | None,
     max_depth: int | None = None,
     replanner: Replanner | None = None,
-    latency: tuple[LatencyFn, LatencyFn] | None = None,
+    latency: tuple[LatencyFn, LatencyFn, float] | None = None,
 ) -> list[Method]:
     """Every method for one setting: ``generate`` per dtype, the HF peers, this engine without a
     draft (what the engine alone gains), and the trees (see :func:`tree_methods`)."""

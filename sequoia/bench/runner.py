@@ -128,11 +128,10 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         if tree.size == 1 and draft.kind != "none" and fixed_tree is None:
             notes.append(f"{label}: {plan.reason}")
         factory = NoDraft if tree.size == 1 else proposers.factory(dtype)
-        target_ms, draft_ms = planned.latency_fns(dtype)
         replanner = planned.replanner() if config.replan and fixed_tree is None else None
         methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, dtype,
                                   engines.get(dtype).model, factory, tree, eos, proposers.assistant(dtype),
-                                  limits.max_depth, replanner=replanner, latency=(target_ms, draft_ms))
+                                  limits.max_depth, replanner=replanner, latency=planned.latency_fns(dtype))
         step = (lambda done, total, name, lbl=label: progress(done, total, f"{lbl}: {name}")) if progress else None
         results = run_bench(methods, prompts, config.max_new_tokens, prompts[0][:8], step)
         baselines = [f"generate {d}" for d in config.dtypes]

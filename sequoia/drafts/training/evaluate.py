@@ -133,6 +133,10 @@ def fit_context_mix(model: TrainedDraft, features: FeatureSet, max_ngram: int = 
     return fit_weights(q_target, p_target, matched), len(q_target)
 
 
+STEP_TOKENS = 2  # tokens a decoding step accepts, about: what each timed proposal ingests first
+EVICT_BYTES = 128 << 20  # read before each timed proposal: the target's forward evicts the draft from cache
+
+
 def level_costs(
     proposer: HeadsProposer,
     widths: Sequence[int] = tuple(range(1, 17)),
@@ -142,9 +146,13 @@ def level_costs(
     threads: int | None = None,
 ) -> dict[int, float]:
     """Milliseconds per tree level of ``w`` nodes, for each ``w`` in ``widths``, of a trained
-    draft's ``proposer`` (greedy; the minimum over ``repeats`` interleaved timings, which a
-    busy machine inflates least). The context repeats ``COST_TOKENS`` token ids, so a context
-    mix finds matches at every node (its slowest case).
+    draft's ``proposer``, and under key ``0`` its cost per step beyond its levels (see
+    :func:`sequoia.optimizer.draft_step_ms`): greedy, the minimum over ``repeats`` interleaved
+    timings, which a busy machine inflates least. Each timed proposal first takes in
+    :data:`STEP_TOKENS` new context tokens and finds its weights out of the CPU's caches, as it
+    does after every decoding step (the target's forward streams through them); the context
+    repeats ``COST_TOKENS`` token ids, so a context mix finds matches at every node (its
+    slowest case).
 
     ``threads`` sets torch's CPU threads while timing; the default leaves them as they are,
     which is how the engine runs the draft and how a device profile times the target, so the
@@ -163,25 +171,36 @@ def level_costs(
 def _level_costs(proposer: HeadsProposer, widths: Sequence[int], prefix: int, repeats: int, seed: int) -> dict[int, float]:
     model = proposer.model
     gen = torch.Generator().manual_seed(seed)
-    tokens = model.vocab.ids[torch.randint(0, min(COST_TOKENS, model.vocab.size), (prefix,), generator=gen)]
-    hidden = torch.randn(prefix - 1, model.config.hidden_size, generator=gen).to(model.out.weight)
-    ctx = DraftContext(tokens, SamplingConfig(), gen, hidden_states=hidden)
+    total = prefix + 2 * STEP_TOKENS
+    tokens = model.vocab.ids[torch.randint(0, min(COST_TOKENS, model.vocab.size), (total,), generator=gen)]
+    hidden = torch.randn(total - 1, model.config.hidden_size, generator=gen).to(model.out.weight)
+
+    def context(length: int) -> DraftContext:
+        return DraftContext(tokens[:length], SamplingConfig(), gen, hidden_states=hidden[: length - 1])
+
     proposer.warmup()
-    sync = torch.cuda.synchronize if model.out.weight.device.type == "cuda" else (lambda: None)
-    costs = {}
+    cuda = model.out.weight.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    evict = (lambda: None) if cuda else torch.ones(EVICT_BYTES // 4).sum
+    level, flat_ms = {}, {}
     for w in widths:
         deeper, flat = Tree.from_children_counts([w] + [1] * w), Tree.from_children_counts([w])
         best = {deeper: float("inf"), flat: float("inf")}
         for _ in range(repeats + 1):
-            for tree in (deeper, flat):
+            proposer.reset()
+            proposer.propose(context(prefix), flat)  # the context so far, untimed
+            for i, tree in enumerate((deeper, flat), start=1):
+                ctx = context(prefix + i * STEP_TOKENS)
+                evict()
                 sync()
                 start = time.perf_counter()
                 proposer.propose(ctx, tree)
                 sync()
                 best[tree] = min(best[tree], time.perf_counter() - start)
-        costs[w] = max(best[deeper] - best[flat], 0.0) * 1e3
+        level[w], flat_ms[w] = max(best[deeper] - best[flat], 0.0) * 1e3, best[flat] * 1e3
     proposer.reset()
-    return costs
+    first = min(widths)
+    return {0: flat_ms[first] - level[first], **level}
 
 
 def evaluation_record(

@@ -4,11 +4,12 @@ The optimizer prices every level a draft expands, and a trained draft's cost per
 its levels (key ``0``: taking in the accepted tokens, with its weights out of cache after the
 target's forward). Those costs are measured here, never carried from another machine: a trained
 draft through its proposer's level timing (:func:`sequoia.drafts.training.evaluate.level_costs`;
-in bfloat16 where the device computes it, whatever the target's dtype), an early-exit or LM draft with the profiler's per-level grid
-in the target's dtype; n-gram and no draft are free. A trained draft's card costs are used as
-they are only when the card records this device's fingerprint (``evaluation.cost_fingerprint``)
-and a cost per step; an older card, or one measured elsewhere, is timed again. Measured costs are cached next to the
-device's profiles as ``sequoia-draft-cost/1`` records::
+in bfloat16 where the device computes it, whatever the target's dtype), an early-exit or LM
+draft with the profiler's per-level grid in the target's dtype; n-gram and no draft are free. A
+trained draft's card costs are used as they are only when the card records this device's
+fingerprint (``evaluation.cost_fingerprint``) and a cost per step; an older card, or one
+measured elsewhere, is timed again. Measured costs are cached next to the device's profiles as
+``sequoia-draft-cost/1`` records::
 
     costs = device_draft_costs(DraftSpec.resolve(None, "smollm2-135m"), "smollm2-135m", ["bfloat16"])
     costs["bfloat16"].level_ms   # {0: 0.9, 1: 1.9, 2: 2.1, ...} ms by level width; per step at 0

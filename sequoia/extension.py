@@ -88,8 +88,13 @@ def build_info() -> dict[str, Any]:
     return dict(_INFO)
 
 
+def disabled() -> bool:
+    """Whether ``SEQUOIA_NO_EXTENSIONS`` turns the compiled kernel off."""
+    return os.environ.get(DISABLE_ENV, "").strip() not in ("", "0")
+
+
 def _unavailable() -> str | None:
-    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+    if disabled():
         return f"{DISABLE_ENV} is set"
     missing = [flag for flag in NEEDS if flag not in cpu_info()["flags"]]
     if missing:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from sequoia import extension
 from sequoia.device import KERNELS_VERSION, current, fingerprint_key, same_device
 from sequoia.errors import ConfigError
 from sequoia.files import cache_dir
@@ -68,10 +69,16 @@ def slug(name: str) -> str:
     return f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def kernels_tag() -> str:
+    """``k<kernels version>``, plus ``-noext`` with the compiled kernel switched off: profiles
+    measured with other kernels than this process runs are not reused."""
+    return f"k{KERNELS_VERSION}" + ("-noext" if extension.disabled() else "")
+
+
 def profile_key(fp: dict[str, Any], model: str, dtype: str) -> str:
-    """``<model>-<dtype>-<threads>t-<fingerprint hash>-k<kernels version>``: a profile measured
+    """``<model>-<dtype>-<threads>t-<fingerprint hash>-<kernels tag>``: a profile measured
     with an older version of :mod:`sequoia.kernels` is measured again, not reused."""
-    return f"{slug(model)}-{dtype}-{fp.get('threads')}t-{fingerprint_key(fp)}-k{KERNELS_VERSION}"
+    return f"{slug(model)}-{dtype}-{fp.get('threads')}t-{fingerprint_key(fp)}-{kernels_tag()}"
 
 
 def profile_path(fp: dict[str, Any], model: str, dtype: str) -> Path:
@@ -79,7 +86,7 @@ def profile_path(fp: dict[str, Any], model: str, dtype: str) -> Path:
 
 
 def draft_cost_path(fp: dict[str, Any], model: str, draft: str, dtype: str) -> Path:
-    stem = f"{slug(model)}-{fp.get('threads')}t-{fingerprint_key(fp)}-k{KERNELS_VERSION}"
+    stem = f"{slug(model)}-{fp.get('threads')}t-{fingerprint_key(fp)}-{kernels_tag()}"
     return cache_dir() / "profiles" / f"{stem}.draft-{slug(draft)}-{dtype}.json"
 
 

@@ -226,6 +226,12 @@ def test_compiled_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(kernels, "bf16_rows", lambda: None)
     assert "rows" not in kernels.candidates(torch.bfloat16)
     assert "rows" not in kernels.candidates(torch.float32)
+    from sequoia.device import fingerprint
+    from sequoia.profile_cache import profile_key
+
+    off = profile_key(fingerprint("cpu"), "smollm2-135m", "bfloat16")  # profiles with other kernels: not reused
+    monkeypatch.delenv(extension.DISABLE_ENV)
+    assert off.endswith("-noext") and profile_key(fingerprint("cpu"), "smollm2-135m", "bfloat16") + "-noext" == off
 
 
 def test_load_model_applies_the_calibrated_kernels_unless_opted_out(tmp_path, cache, monkeypatch):

@@ -36,6 +36,7 @@ from sequoia.drafts.ngram import NgramIndex, Suffix
 from sequoia.drafts.trained import TrainedDraft
 from sequoia.drafts.registry import load_context_mix, load_draft, load_trained_proposer
 from sequoia.models import LoadedModel
+from sequoia.optimizer import STEP_KEY
 from sequoia.drafts.registry import trained_draft_dtype
 from sequoia.sampling import SamplingConfig
 from sequoia.tree import Tree
@@ -200,7 +201,7 @@ def _level_costs(proposer: HeadsProposer, widths: Sequence[int], prefix: int, re
         level[w], flat_ms[w] = max(best[deeper] - best[flat], 0.0) * 1e3, best[flat] * 1e3
     proposer.reset()
     first = min(widths)
-    return {0: flat_ms[first] - level[first], **level}
+    return {STEP_KEY: flat_ms[first] - level[first], **level}
 
 
 def evaluation_record(

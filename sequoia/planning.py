@@ -5,6 +5,7 @@ profiles; and the :class:`Replanner` that corrects a plan while it decodes."""
 from __future__ import annotations
 
 import statistics
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,10 +210,12 @@ class Replanner:
     decode plainly (a one-node tree: still lossless) and the ``probe`` after them with the tree
     again, so both are measured fresh and side by side (a burst of other work on a shared CPU
     slows everything for a while: only a comparison made within it, or after it, is fair).
-    Then the solver runs again (milliseconds) with
-
-    If no tree beats plain decoding by ``margin`` on those numbers, the plan becomes plain
-    decoding. :meth:`observe` returns the new tree when the plan changes, else None.
+    Then the solver runs again (milliseconds) with the acceptance and latencies measured so far
+    (the last ``2 * window`` steps of each tree size, within the last ``4 * window`` steps). If no tree beats plain decoding by
+    ``margin`` on those numbers, the plan becomes plain decoding -- for ``retry`` steps: then the
+    tree it left is measured again beside plain decoding, since whatever made it slow (a burst
+    of other work) may have passed. :meth:`observe` returns the new tree when the plan changes,
+    else None.
 
     Example (a profile that said 16 tokens cost as much as 1, on a device where each token
     costs as much again as the first: the plan shrinks to what pays)::
@@ -235,6 +238,7 @@ class Replanner:
         plain_ms: float | None = None,  # the profile's plain decoding, ms per token (default target_ms(1))
         window: int = 8,
         probe: int = 4,
+        retry: int = 64,
         margin: float = PLAIN_MARGIN,
         prior_nodes: float = 50.0,
         gain: Callable[[np.ndarray], np.ndarray] | None = None,  # a per-step draft's (choose_tree)
@@ -247,12 +251,14 @@ class Replanner:
         self.max_size, self.max_depth = max_size, max_depth
         self.plain_ms = float(target_ms(1.0) if plain_ms is None else plain_ms)
         self.window, self.probe, self.margin, self.prior_nodes = window, probe, margin, prior_nodes
+        self.retry, self.plain_run = retry, 0  # steps of plain decoding before trying the tree again
         self.accepted = np.zeros_like(self.prior)  # [L, k] nodes whose child of rank i was accepted
         self.tried = np.zeros_like(self.prior)  # [L, k] nodes that had a child of rank i tried
-        self.step_ms: dict[int, list[float]] = {}  # tree size -> ms of (step - draft) per step
+        self.measured: dict[int, deque[tuple[int, float]]] = {}  # tree size -> (step, ms of step - draft)
         self.draft_ratio: list[float] = []  # measured / predicted draft ms per step
         self.recent: list[tuple[float, int]] = []  # (step ms, tokens) of the current window
         self.phase, self.left, self.before = "run", 0, tree  # run | probe (plain) | confirm (tree again)
+        self.why = ""  # what the re-plan after a confirm phase is based on
         self.steps = 0
         self.events: list[str] = []  # one line per change of plan
 
@@ -264,7 +270,7 @@ class Replanner:
         step, draft = 1e3 * seconds.get("step", 0.0), 1e3 * seconds.get("draft", 0.0)
         if self.steps == 1:  # the first step pays first-call costs and reuses the prefill's root
             return None
-        self.step_ms.setdefault(tree.size, []).append(step - draft)
+        self.measured.setdefault(tree.size, deque(maxlen=2 * self.window)).append((self.steps, step - draft))
         predicted = evaluate(tree, 1.0, self.target_ms, self.draft_ms, self.draft_step_ms).draft_ms
         if predicted > 0:
             self.draft_ratio.append(draft / predicted)
@@ -273,10 +279,18 @@ class Replanner:
             if self.left:
                 return None
             if self.phase == "probe":  # plain decoding measured: the tree again, side by side
-                self.phase, self.left = "confirm", self.probe
+                self.phase, self.left, self.why = "confirm", self.probe, "plain decoding measured"
                 return self._switch(self.before)
             self.phase = "run"
-            return self._replan("plain decoding measured")
+            return self._replan(self.why)
+        if tree.size == 1 and self.before.size > 1:  # fell to plain decoding: look again now and then
+            self.plain_run += 1
+            if self.plain_run >= self.retry:
+                self.plain_run = 0
+                self.measured.pop(self.before.size, None)
+                self.phase, self.left, self.why = "confirm", self.probe, f"{self.before.size} nodes measured again"
+                return self._switch(self.before)
+            return None
         self.recent.append((step, len(accepted_nodes)))
         if len(self.recent) < self.window:
             return None
@@ -288,7 +302,7 @@ class Replanner:
         self.events.append(f"step {self.steps}: {ms_per_token:.1f} ms/token with {tree.size} nodes, "
                            f"plain decoding {reference:.1f}")
         for size in (1, tree.size):  # decide on fresh measurements only
-            self.step_ms.pop(size, None)
+            self.measured.pop(size, None)
         self.phase, self.left, self.before = "probe", self.probe, tree
         return self._switch(PLAIN)
 
@@ -300,10 +314,11 @@ class Replanner:
 
     def corrected_target_ms(self, n: float) -> float:
         """The profile's step cost for ``n`` nodes times the measured/profiled ratio."""
-        sizes = sorted(self.step_ms)
+        recent = self._recent()
+        sizes = sorted(recent)
         if not sizes:
             return self.target_ms(n)
-        ratios = [statistics.median(self.step_ms[s]) / self.target_ms(float(s)) for s in sizes]
+        ratios = [statistics.median(recent[s]) / self.target_ms(float(s)) for s in sizes]
         if n <= sizes[-1] or len(sizes) == 1:
             ratio = float(np.interp(n, sizes, ratios))
         else:
@@ -320,7 +335,15 @@ class Replanner:
 
     # ------------------------------------------------------------------ helpers
     def _plain_reference(self) -> float:
-        return statistics.median(self.step_ms[1]) if 1 in self.step_ms else self.plain_ms
+        recent = self._recent()
+        return statistics.median(recent[1]) if 1 in recent else self.plain_ms
+
+    def _recent(self) -> dict[int, list[float]]:
+        """ms of (step - draft) by tree size, over the last ``4 * window`` steps: a size not run
+        since (the tree a burst made look slow) is extrapolated from those measured lately."""
+        since = self.steps - 4 * self.window
+        recent = {size: [ms for step, ms in steps if step > since] for size, steps in self.measured.items()}
+        return {size: values for size, values in recent.items() if values}
 
     def _replan(self, why: str) -> Tree | None:
         choice = choose_tree(self.acceptance(), self.corrected_target_ms, self.corrected_draft_ms,

@@ -184,3 +184,24 @@ def test_a_per_step_gain_reaches_the_plan_and_its_replanner():
     replanner = device_plan.replanner()
     assert replanner is not None and replanner.gain is not None
     assert replanner.gain(np.array([32]))[0] == pytest.approx(1.6)
+
+
+def test_after_falling_to_plain_decoding_during_a_burst_it_tries_the_tree_again():
+    """For the first 40 steps multi-token forwards run 3x slower (another process had the CPU
+    while the tree ran, not while plain decoding was measured): the plan falls to plain decoding.
+    The burst passes; every ``retry`` steps the tree is measured again, and the plan returns."""
+    profiled = lambda n: 30.0 + 0.2 * n
+    draft_ms = lambda w: 1.0
+    first = choose_tree(P, profiled, draft_ms, 32, 8).best.tree
+    replanner = Replanner(first, P, profiled, draft_ms, max_size=32, max_depth=8, retry=32)
+    rng, tree, sizes = np.random.default_rng(0), first, []
+    for step in range(200):
+        burst = 3.0 if step < 40 and tree.size > 1 else 1.0
+        draft = sum(draft_ms(float(w)) for w in np.bincount(tree.depths)[:-1])
+        seconds = {"step": (draft + profiled(float(tree.size)) * burst) / 1e3, "draft": draft / 1e3}
+        tree = replanner.observe(tree, _sample_path(tree, P, rng), seconds) or tree
+        sizes.append(tree.size)
+    assert 1 in sizes[:60]  # it did fall to plain decoding during the burst
+    assert any("measured again" in e for e in replanner.events)
+    best = choose_tree(P, profiled, draft_ms, 32, 8).best.ms_per_token
+    assert tree.size > 16 and evaluate(tree, expected_tokens(tree, P), profiled, draft_ms).ms_per_token == pytest.approx(best, rel=0.02)

@@ -63,6 +63,8 @@ def bf16_rows() -> ModuleType | None:
         _INFO.update(available=False, reason=f"build failed earlier ({failed}): {failed.read_text()[:200]}")
         return None
     cold = not record.is_file()
+    if cold:  # a pause of half a minute deserves a word; once per machine and torch
+        print("sequoia: compiling its bfloat16 kernel for this machine (once, ~30 s)", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],

@@ -211,11 +211,11 @@ class Replanner:
     again, so both are measured fresh and side by side (a burst of other work on a shared CPU
     slows everything for a while: only a comparison made within it, or after it, is fair).
     Then the solver runs again (milliseconds) with the acceptance and latencies measured so far
-    (the last ``2 * window`` steps of each tree size, within the last ``4 * window`` steps). If no tree beats plain decoding by
-    ``margin`` on those numbers, the plan becomes plain decoding -- for ``retry`` steps: then the
-    tree it left is measured again beside plain decoding, since whatever made it slow (a burst
-    of other work) may have passed. :meth:`observe` returns the new tree when the plan changes,
-    else None.
+    (the last ``2 * window`` steps of each tree size, within the last ``4 * window`` steps). If
+    no tree beats plain decoding by ``margin`` on those numbers, the plan becomes plain decoding
+    -- for ``retry`` steps: then the tree it left is measured again beside plain decoding, since
+    whatever made it slow (a burst of other work) may have passed. :meth:`observe` returns the
+    new tree when the plan changes, else None.
 
     Example (a profile that said 16 tokens cost as much as 1, on a device where each token
     costs as much again as the first: the plan shrinks to what pays)::

@@ -268,5 +268,7 @@ def use_fast_kernels(model: nn.Module) -> int:
 def fast_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with :func:`use_fast_kernels` applied (the original stays plain,
     e.g. for a ``generate`` baseline); ``model`` itself where nothing would change."""
+    if not any(eligible(m) for m in model.modules()):  # no CPU float32/bfloat16 linear: never copied (a GPU model)
+        return model
     faster = copy.deepcopy(model)
     return faster if use_fast_kernels(faster) else model

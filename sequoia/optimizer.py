@@ -80,12 +80,16 @@ def level_widths(tree: Tree) -> np.ndarray:  # [depth + 1]
     return np.bincount(tree.depths, minlength=tree.depth + 1)
 
 
-def evaluate(tree: Tree, expected: float, target_ms: LatencyFn, draft_ms: LatencyFn, step_ms: float = 0.0) -> Candidate:
-    """Predicted cost of one step with ``tree``: the draft runs once per expanded level, plus
-    its cost per step (:func:`draft_step_ms`) when it runs at all."""
+def draft_cost(tree: Tree, draft_ms: LatencyFn, step_ms: float = 0.0) -> float:
+    """Predicted draft ms of one step with ``tree``: once per expanded level, plus its cost per
+    step (:func:`draft_step_ms`) when it runs at all."""
     widths = level_widths(tree)[:-1]  # the deepest level is verified, never expanded
-    draft = float(sum(draft_ms(float(w)) for w in widths)) + (step_ms if len(widths) else 0.0)
-    return Candidate(tree, expected, max(draft, 0.0), float(target_ms(float(tree.size))))
+    return max(float(sum(draft_ms(float(w)) for w in widths)) + (step_ms if len(widths) else 0.0), 0.0)
+
+
+def evaluate(tree: Tree, expected: float, target_ms: LatencyFn, draft_ms: LatencyFn, step_ms: float = 0.0) -> Candidate:
+    """Predicted cost of one step with ``tree``: its :func:`draft_cost` and one target forward."""
+    return Candidate(tree, expected, draft_cost(tree, draft_ms, step_ms), float(target_ms(float(tree.size))))
 
 
 def choose_tree(

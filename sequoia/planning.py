@@ -23,9 +23,9 @@ from sequoia.optimizer import (
     Plan,
     choose_plan,
     choose_tree,
+    draft_cost,
     draft_latency_fn,
     draft_step_ms,
-    evaluate,
 )
 from sequoia.draft_costs import DraftCosts, device_draft_costs
 from sequoia.profile_cache import CachedProfile, Progress, Targets, device_dtypes, device_profiles
@@ -271,7 +271,7 @@ class Replanner:
         if self.steps == 1:  # the first step pays first-call costs and reuses the prefill's root
             return None
         self.measured.setdefault(tree.size, deque(maxlen=2 * self.window)).append((self.steps, step - draft))
-        predicted = evaluate(tree, 1.0, self.target_ms, self.draft_ms, self.draft_step_ms).draft_ms
+        predicted = draft_cost(tree, self.draft_ms, self.draft_step_ms)
         if predicted > 0:
             self.draft_ratio.append(draft / predicted)
         if self.phase != "run":

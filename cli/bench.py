@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from sequoia.bench.runner import BenchConfig, benchmark, load_settings
-from sequoia.bench.report import agreement_lines, write_report
+from sequoia.bench.report import agreement_lines, plan_lines, write_report
 from sequoia.models import DEFAULT_MODEL
 from sequoia_cli.common import DRAFT_HELP, console, handles_errors, progress_bar
 
@@ -29,6 +29,9 @@ def bench(
     out: Path = typer.Option(Path("results/bench"), "--out", help="Result stem: writes STEM.json/.md/.png."),
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Alias, .gguf file, model directory or hub id."),
     draft: str | None = typer.Option(None, "--draft", help=DRAFT_HELP),
+    compare: list[str] = typer.Option(
+        [], "--compare", help="Another draft (repeatable): one more Sequoia row, its tree planned for it alike."
+    ),
     draft_profile: Path | None = typer.Option(None, "--draft-profile", help="Profile of the draft per level."),
     assistant: str | None = typer.Option(
         None, "--assistant", help="Causal-LM draft for HF assisted generation when --draft is not one (e.g. early-exit:8)."
@@ -53,7 +56,7 @@ def bench(
     """Benchmark plain generate, assisted generation, prompt lookup and tree decoding, with the
     dtype and tree this device's plan picks."""
     config = BenchConfig(
-        profile=tuple(str(p) for p in profile), target=target, draft=draft,
+        profile=tuple(str(p) for p in profile), target=target, draft=draft, compare=tuple(compare),
         draft_profile=str(draft_profile) if draft_profile else None, assistant=assistant,
         dtypes=tuple(d.strip() for d in dtypes.split(",") if d.strip()), engine_dtype=engine_dtype,
         device=device, threads=threads, prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, chat=chat,
@@ -78,8 +81,8 @@ def bench(
                           f"{row['tokens_per_step']:.2f}", "" if pred is None else f"{pred:.2f}",
                           "" if ms is None else f"{ms:.1f}", "" if pms is None else f"{pms:.1f}")
         console.print(table)
-        for event in opt.get("replans") or []:
-            console.print(f"re-plan: {event}", highlight=False, soft_wrap=True)
+        for line in plan_lines(sec):
+            console.print(line, highlight=False, soft_wrap=True)
         for line in agreement_lines(sec["greedy_agreement"]):
             console.print(line, highlight=False, soft_wrap=True)
     console.print("wrote " + ", ".join(str(p) for p in paths))

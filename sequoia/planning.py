@@ -111,6 +111,11 @@ class DevicePlan:
         draft = draft_latency_fn(profile, None, self.prefix_len, costs)
         return (lambda n: profile.latency(n, self.prefix_len)), draft, draft_step_ms(costs)
 
+    def gain(self, size: int) -> float:
+        """Expected tokens per step at ``size`` nodes over a static tree's: a per-step draft's
+        measured gain (1 for a static draft)."""
+        return float(DraftLimits(per_step_gain=self.per_step_gain).gain(np.array([size]))[0])
+
     def replanner(self) -> Replanner | None:
         """A :class:`Replanner` for the plan's tree (None for plain decoding: nothing to fall to)."""
         if self.plan.plain:

@@ -194,3 +194,60 @@ def test_a_plain_plan_runs_one_engine_row(models):
                            latency=(lambda n: 30.0 * n, lambda w: 0.0))
     (only,) = methods
     assert only.name == "sequoia (1 nodes, depth 0)" and only.predicted_ms_per_token == 30.0
+
+
+def test_a_compared_draft_gets_its_own_planned_row_and_per_step_rows_are_priced(tmp_path):
+    """``--compare``: the same Chimera static (compared) and with per-step trees (the draft):
+    acceptance is measured with static trees for both (a shaping proposer would reshape the
+    measuring tree), so it comes out the same; the per-step row's prediction carries the card's
+    gain; every row reproduces greedy ``generate``."""
+    import numpy as np
+    from trained_draft_helpers import random_draft
+    from word_tokenizer import word_tokenizer
+
+    from sequoia.bench.runner import BenchConfig, benchmark
+    from sequoia.device import fingerprint
+    from sequoia.drafts.card import save_draft, update_card
+    from sequoia.dynamic import Calibration, TreeShaper
+    from sequoia.profile import LatencyGrid, Profile
+    from sequoia.solver import expected_tokens
+
+    target = tiny_llama(seed=0)
+    target.save_pretrained(tmp_path / "target")
+    word_tokenizer().save_pretrained(tmp_path / "target")
+    chimera = random_draft("chimera", target, heads=2, ids=list(range(target.config.vocab_size)), recurrent=True)
+    save_draft(chimera, tmp_path / "chimera", "tiny")
+    shaper = TreeShaper(Calibration.identity("greedy"), Calibration.identity("stochastic")).to_json()
+    update_card(tmp_path / "chimera", {
+        "evaluation": {"cost_ms_per_level": {"0": 0.001, "1": 0.001, "16": 0.001}, "cost_dtype": "float32",
+                       "cost_fingerprint": fingerprint("cpu")},
+        "per_step_trees": {**shaper, "gain": {"greedy": {"4": 1.5, "64": 1.5}}},
+    })
+    samples = np.array([10.0, 10.1, 10.2, 10.3])[None, :, None].repeat(3, axis=2)  # wide trees are free
+    name = str((tmp_path / "target").resolve())
+    device = {"name": "test", "dtype": "float32", "fingerprint": fingerprint("cpu")}
+    Profile(LatencyGrid(name, (64,), (1, 8, 16, 32), samples), device, {}).save(tmp_path / "profile.json")
+    (tmp_path / "prompts.txt").write_text("w3 w1 w4 w1 w5\nw9 w2 w6 w5 w3 w5\n")
+    draft = str(tmp_path / "chimera")
+    config = BenchConfig(
+        profile=(str(tmp_path / "profile.json"),), target=name, draft=f"{draft}:per-step", compare=(draft,),
+        dtypes=("float32",), engine_dtype="float32", prompts=str(tmp_path / "prompts.txt"), limit=2,
+        max_new_tokens=8, chat=False, temperatures=(0.0,), acceptance_tokens=32, max_depth=3,
+    )
+    report = benchmark(config)
+    (section,) = report["sections"]
+    (other,) = section["compared"]
+    assert other["draft"] == draft and other["acceptance"] == section["acceptance"]
+    static, shaped = other["optimizer"], section["optimizer"]
+    rows = {row["method"].split(" (")[0]: row for row in section["summary"]}
+    assert {"sequoia", f"sequoia, {draft}", "chain", "k-ary", "k-chains"} <= set(rows)
+    assert rows[f"sequoia, {draft}"]["predicted_tokens_per_step"] == pytest.approx(static["predicted_tokens_per_step"])
+    assert rows["sequoia"]["predicted_tokens_per_step"] == pytest.approx(shaped["predicted_tokens_per_step"])
+    assert shaped["size"] >= 4  # the card's gain (1.5 from 4 nodes on) makes a tree pay
+    static_tokens = expected_tokens(Tree(tuple(shaped["parents"])), np.asarray(section["acceptance"]["by_depth"]))
+    assert shaped["predicted_tokens_per_step"] == pytest.approx(1.5 * static_tokens)
+    agreement = section["greedy_agreement"]
+    assert f"sequoia, {draft} ({static['size']} nodes, depth {static['depth']})" in agreement
+    assert all(a["identical"] for a in agreement.values()), agreement
+    text = markdown(report)
+    assert f"and `{draft}`" in text and f"`{draft}`: acceptance p[1] = " in text

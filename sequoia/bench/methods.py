@@ -152,6 +152,28 @@ def engine_runner(engine: Engine) -> Runner:
     return run
 
 
+def tree_method(
+    name: str,
+    target: PreTrainedModel,
+    proposer: Proposer,
+    tree: Tree,
+    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
+    sampling: SamplingConfig,
+    eos: Sequence[int],
+    group: str,
+    seed: int = 0,
+    replanner: Replanner | None = None,
+    latency: tuple[LatencyFn, LatencyFn, float] | None = None,
+    gain: float = 1.0,
+) -> Method:
+    """The engine decoding with ``tree`` (the budget of a per-step draft, whose expected tokens
+    per step are the static tree's times its measured ``gain``), with its predictions."""
+    engine = Engine(target, proposer, tree, sampling, eos_token_ids=eos, seed=seed, replanner=replanner)
+    expected = expected_tokens(tree, acceptance) * gain
+    predicted = evaluate(tree, expected, *latency).ms_per_token if latency else None
+    return Method(f"{name} ({tree.size} nodes, depth {tree.depth})", engine_runner(engine), group, tree, expected, predicted)
+
+
 def tree_methods(
     target: PreTrainedModel,
     proposer_factory: Callable[[], Proposer],
@@ -164,27 +186,27 @@ def tree_methods(
     max_depth: int | None = None,
     replanner: Replanner | None = None,
     latency: tuple[LatencyFn, LatencyFn, float] | None = None,
+    sequoia_proposer: Proposer | None = None,
+    gain: float = 1.0,
 ) -> list[Method]:
     """The optimizer's tree and the best chain, k-ary and k-chains trees within its size (and
     ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads); only the
     first when it is one node (plain decoding: the others would be the same). ``replanner``
     goes with the optimizer's tree, as in ``sequoia generate``; ``latency`` (target ms by
-    tokens, draft ms by level width, draft ms per step) predicts each tree's time per token."""
-    trees = {"sequoia": sequoia_tree}
+    tokens, draft ms by level width, draft ms per step) predicts each tree's time per token.
+    ``sequoia_proposer`` (default: a static one from the factory) runs the optimizer's tree,
+    e.g. a per-step draft shaping its trees within it, with ``gain`` (see :func:`tree_method`);
+    the baselines keep their static shapes."""
+    methods = [tree_method("sequoia", target, sequoia_proposer or proposer_factory(), sequoia_tree, acceptance,
+                           sampling, eos, group, seed, replanner, latency, gain)]
     depth = max(sequoia_tree.size - 1, 0)
     if max_depth is not None:
         depth = min(depth, max_depth)
-    for label, shape in BASELINE_SHAPES.items():
-        if sequoia_tree.size > 1:
-            trees[label] = best_baseline(shape, acceptance, sequoia_tree.size, depth)
-    methods = []
-    for label, tree in trees.items():
-        engine = Engine(target, proposer_factory(), tree, sampling, eos_token_ids=eos, seed=seed,
-                        replanner=replanner if label == "sequoia" else None)
-        name = f"{label} ({tree.size} nodes, depth {tree.depth})"
-        expected = expected_tokens(tree, acceptance)
-        predicted = evaluate(tree, expected, *latency).ms_per_token if latency else None
-        methods.append(Method(name, engine_runner(engine), group, tree, expected, predicted))
+    if sequoia_tree.size > 1:
+        for label, shape in BASELINE_SHAPES.items():
+            tree = best_baseline(shape, acceptance, sequoia_tree.size, depth)
+            methods.append(tree_method(label, target, proposer_factory(), tree, acceptance, sampling, eos, group,
+                                       seed, latency=latency))
     return methods
 
 
@@ -272,6 +294,8 @@ def setting_methods(
     max_depth: int | None = None,
     replanner: Replanner | None = None,
     latency: tuple[LatencyFn, LatencyFn, float] | None = None,
+    sequoia_proposer: Proposer | None = None,
+    gain: float = 1.0,
 ) -> list[Method]:
     """Every method for one setting: ``generate`` per dtype, the HF peers, this engine without a
     draft (what the engine alone gains), and the trees (see :func:`tree_methods`)."""
@@ -286,5 +310,6 @@ def setting_methods(
     methods.append(Method(ENGINE_ALONE, engine_runner(alone), engine_dtype, alone.tree, 1.0,
                           latency[0](1.0) if latency else None))
     methods += tree_methods(engine_target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
-                            engine_dtype, max_depth=max_depth, replanner=replanner, latency=latency)
+                            engine_dtype, max_depth=max_depth, replanner=replanner, latency=latency,
+                            sequoia_proposer=sequoia_proposer, gain=gain)
     return methods

@@ -12,7 +12,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: one table per sampling setting, then the agreement check."""
     cfg = report["config"]
     lines = [
-        f"# Sequoia bench — {cfg['target']} with draft `{cfg['draft']}`",
+        f"# Sequoia bench — {cfg['target']} with draft `{cfg['draft']}`"
+        + "".join(f" and `{name}`" for name in cfg.get("compare") or ()),
         "",
         f"{report['date']} · {report['machine']['processor']} · torch {report['machine']['torch']} · "
         f"{report['machine']['threads']} threads · {len(report['prompts'])} prompts × {cfg['max_new_tokens']} "
@@ -36,7 +37,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"tokens/step, {opt['predicted_speedup']:.2f}x"
                   + (f" over plain {opt['plain_dtype']}" if opt.get("plain_dtype") else ""),
                   *([f"\n{opt['reason']}"] if opt.get("reason") else []),
-                  *(f"\nRe-plan: {event}" for event in opt.get("replans") or []), "",
+                  *(f"\n{line}" for line in plan_lines(sec)), "",
                   "| method | tokens/s | speed-up | tokens/step | predicted | ms/token | predicted ms/token |",
                   "|---|---|---|---|---|---|---|"]
         for row in sec["summary"]:
@@ -51,6 +52,18 @@ def markdown(report: dict[str, Any]) -> str:
         if agreement:
             lines += ["", *(line + "  " for line in agreement)]
     return "\n".join(lines) + "\n"
+
+
+def plan_lines(section: dict[str, Any]) -> list[str]:
+    """The re-plans of the Sequoia row, then each compared draft's plan and re-plans."""
+    lines = [f"Re-plan: {event}" for event in section["optimizer"].get("replans") or []]
+    for other in section.get("compared", ()):
+        opt, acc = other["optimizer"], other["acceptance"]
+        lines.append(f"`{other['draft']}`: acceptance p[1] = {acc['vector'][0]:.3f} ({acc['samples']} positions); "
+                     f"plan {opt['dtype']}, {opt['size']} nodes, depth {opt['depth']}, predicted "
+                     f"{opt['predicted_tokens_per_step']:.2f} tokens/step, {opt['predicted_speedup']:.2f}x")
+        lines += [f"Re-plan (`{other['draft']}`): {event}" for event in opt.get("replans") or []]
+    return lines
 
 
 def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
@@ -93,7 +106,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     for ax, sec in zip(axes[0], sections):
         names = [r["method"].split(" (")[0] for r in sec["summary"]]
         speed = [r["speedup"] for r in sec["summary"]]
-        ax.barh(names[::-1], speed[::-1], color=["tab:green" if n == "sequoia" else "tab:blue" for n in names[::-1]])
+        ax.barh(names[::-1], speed[::-1], color=["tab:green" if n.startswith("sequoia") else "tab:blue" for n in names[::-1]])
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_title(sec["setting"])
         ax.set_xlabel("speed-up over fastest plain generate")

@@ -7,7 +7,11 @@ accurate -- :func:`sequoia.acceptance.measure_counts_by_depth`), asks for this d
 token from this device's profiles, cached or measured now; plain decoding when no tree pays),
 builds the best chain, k-ary and k-chains trees of the same size, and runs them against Hugging
 Face ``generate`` (each dtype), assisted generation and prompt lookup on the same prompts,
-interleaved (:mod:`sequoia.bench.methods`). The report holds every run, the medians, the
+interleaved (:mod:`sequoia.bench.methods`). Each ``compare`` draft adds one more Sequoia row, its
+acceptance measured and its tree planned the same way, so two drafts (or a draft with static and
+with per-step trees) meet in one interleaved run. A per-step draft's acceptance is measured, and
+its baseline trees run, with static trees; its Sequoia row shapes trees within the plan's budget,
+predicted with the card's measured gain. The report holds every run, the medians, the
 speed-ups over the fastest plain ``generate``, predicted against measured tokens/step and time
 per token, and the greedy token-for-token agreement check.
 """
@@ -25,11 +29,11 @@ import torch
 
 from sequoia import device as devices
 from sequoia.acceptance import measure_counts_by_depth, rates_by_depth
-from sequoia.bench.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize
+from sequoia.bench.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize, tree_method
 from sequoia.drafts import DraftSpec, LMProposer, NoDraft, Proposer
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, eos_token_ids, load_model
-from sequoia.planning import plan_on_device
+from sequoia.planning import DevicePlan, plan_on_device
 from sequoia.kernel_tuning import fast_copy
 from sequoia.profile import Profile
 from sequoia.profile_cache import Targets, check_profile, here
@@ -49,6 +53,7 @@ class BenchConfig:
     profile: tuple[str, ...] = ()  # target profiles (one per dtype); (): this device's, cached or measured now
     target: str = DEFAULT_MODEL
     draft: str | None = None  # None: the target's default draft (see DraftSpec.resolve)
+    compare: tuple[str, ...] = ()  # more drafts, one Sequoia row each (planned for each alike)
     draft_profile: str | None = None
     assistant: str | None = None  # causal-LM draft for HF assisted generation when ``draft`` is not one
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # plain generate baselines (and the dtypes planned over)
@@ -73,10 +78,9 @@ class BenchConfig:
 def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole comparison; returns the ``sequoia-bench/1`` report (nothing is written)."""
     draft = DraftSpec.resolve(config.draft, config.target)
-    config = replace(config, draft=draft.name, profile=tuple(config.profile))
+    config = replace(config, draft=draft.name, profile=tuple(config.profile), compare=tuple(config.compare))
     load_before = _load_average()
     limits = draft.limits
-    max_depth = limits.cap(config.max_depth)
     if config.engine_dtype is not None and config.engine_dtype not in config.dtypes:
         raise ConfigError(f"the engine dtype {config.engine_dtype} must be one of --dtypes {config.dtypes}")
     fixed_tree = Tree.load(config.tree) if config.tree else None
@@ -107,31 +111,67 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
     elif proposers.shared(measure_dtype) is None:
         notes.append(f"hf-assisted drafts with {config.assistant!r} (the tree draft {config.draft!r} is not a causal LM)")
 
+    def planned(spec: DraftSpec, props: _Proposers, sampling: SamplingConfig, label: str, level_ms=None):
+        """``spec``'s acceptance measured on the prompts (a static proposer: a per-step one
+        would reshape the measuring tree) and this device's plan for it."""
+        counts, samples = measure_counts_by_depth(
+            engines.get(measure_dtype).model, props.static(measure_dtype)(), prompts, config.acceptance_width,
+            sampling, 1 if spec.limits.max_depth is None else max(spec.limits.cap(config.max_depth), 1),
+            config.acceptance_tokens, eos, config.seed,
+        )
+        rates = rates_by_depth(counts, samples)
+        setting = Setting(label, sampling, rates if len(rates) > 1 else rates[0])
+        plan = plan_on_device(
+            config.target, spec, setting.acceptance, "measured on the bench prompts", planned_dtypes,
+            config.device, engines, prefix_len, config.max_depth, config.profile, config.foreign_profile,
+            progress, notes.append, level_ms=level_ms, per_step_gain=spec.per_step_gain(sampling.greedy),
+        )
+        acceptance = {"vector": rates[0].tolist(), "samples": int(samples[0]), "measured_in": measure_dtype,
+                      "by_depth": rates.tolist(), "depth_samples": samples.tolist()}
+        return setting, plan, acceptance
+
+    def optimizer_record(plan: DevicePlan, tree: Tree, setting: Setting, replanner) -> dict[str, Any]:
+        p = plan.plan
+        return {"dtype": p.dtype, "size": tree.size, "depth": tree.depth, "parents": list(tree.parents),
+                "predicted_tokens_per_step": float(expected_tokens(tree, setting.acceptance) * plan.gain(tree.size)),
+                "predicted_ms_per_token": p.predicted_ms_per_token, "predicted_speedup": p.speedup,
+                "plain_dtype": p.plain_dtype, "plain_ms_per_token": p.plain_ms, "reason": p.reason,
+                "profiles": {d: {"path": str(c.path), "measured_now": c.measured} for d, c in plan.profiles.items()},
+                "draft_costs": {d: c.source for d, c in plan.draft_costs.items()},
+                "replans": replanner.events if replanner else []}
+
+    compared = [(spec, _Proposers(spec, engines, config))
+                for spec in (DraftSpec.resolve(name, config.target) for name in config.compare)]
     sections = []
     for temperature in config.temperatures:
         sampling = SamplingConfig(temperature, config.top_p if temperature else 1.0)
         label = "greedy" if sampling.greedy else f"T={temperature:g}" + (f", top-p={config.top_p:g}" if config.top_p < 1 else "")
-        counts, samples = measure_counts_by_depth(
-            engines.get(measure_dtype).model, proposers.factory(measure_dtype)(), prompts, config.acceptance_width,
-            sampling, 1 if limits.max_depth is None else max(max_depth, 1), config.acceptance_tokens, eos, config.seed,
-        )
-        rates = rates_by_depth(counts, samples)
-        setting = Setting(label, sampling, rates if len(rates) > 1 else rates[0])
-        planned = plan_on_device(
-            config.target, draft, setting.acceptance, "measured on the bench prompts", planned_dtypes,
-            config.device, engines, prefix_len, config.max_depth, config.profile, config.foreign_profile,
-            progress, notes.append, level_ms=level_ms,
-        )
-        plan = planned.plan
+        setting, planned_draft, acceptance = planned(draft, proposers, sampling, label, level_ms)
+        plan = planned_draft.plan
         tree = fixed_tree or plan.tree
         dtype = plan.dtype
         if tree.size == 1 and draft.kind != "none" and fixed_tree is None:
             notes.append(f"{label}: {plan.reason}")
-        factory = NoDraft if tree.size == 1 else proposers.factory(dtype)
-        replanner = planned.replanner() if config.replan and fixed_tree is None else None
+        factory = NoDraft if tree.size == 1 else proposers.static(dtype)
+        replanner = planned_draft.replanner() if config.replan and fixed_tree is None else None
+        latency = planned_draft.latency_fns(dtype)
         methods = setting_methods(setting, {d: t.model for d, t in targets.items()}, dtype,
                                   engines.get(dtype).model, factory, tree, eos, proposers.assistant(dtype),
-                                  limits.max_depth, replanner=replanner, latency=planned.latency_fns(dtype))
+                                  limits.max_depth, replanner=replanner, latency=latency,
+                                  sequoia_proposer=proposers.factory(dtype)() if tree.size > 1 else None,
+                                  gain=planned_draft.gain(tree.size))
+        others = []
+        for spec, props in compared:  # one more Sequoia row per compared draft, planned for it alike
+            other_setting, other, other_acceptance = planned(spec, props, sampling, label)
+            other_tree, other_dtype = other.plan.tree, other.plan.dtype
+            other_replanner = other.replanner() if config.replan else None
+            methods.append(tree_method(
+                f"sequoia, {spec}", engines.get(other_dtype).model,
+                props.factory(other_dtype)() if other_tree.size > 1 else NoDraft(), other_tree,
+                other_setting.acceptance, sampling, eos, other_dtype, replanner=other_replanner,
+                latency=other.latency_fns(other_dtype), gain=other.gain(other_tree.size)))
+            others.append({"draft": str(spec), "acceptance": other_acceptance,
+                           "optimizer": optimizer_record(other, other_tree, other_setting, other_replanner)})
         step = (lambda done, total, name, lbl=label: progress(done, total, f"{lbl}: {name}")) if progress else None
         results = run_bench(methods, prompts, config.max_new_tokens, prompts[0][:8], step)
         baselines = [f"generate {d}" for d in config.dtypes]
@@ -139,17 +179,9 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "setting": label,
             "temperature": temperature,
             "top_p": sampling.top_p,
-            "acceptance": {"vector": rates[0].tolist(), "samples": int(samples[0]), "measured_in": measure_dtype,
-                           "by_depth": rates.tolist(), "depth_samples": samples.tolist()},
-            "optimizer": {"dtype": dtype, "size": tree.size, "depth": tree.depth,
-                          "predicted_tokens_per_step": float(expected_tokens(tree, setting.acceptance)),
-                          "predicted_ms_per_token": plan.predicted_ms_per_token,
-                          "predicted_speedup": plan.speedup, "plain_dtype": plan.plain_dtype,
-                          "plain_ms_per_token": plan.plain_ms, "reason": plan.reason,
-                          "profiles": {d: {"path": str(c.path), "measured_now": c.measured}
-                                       for d, c in planned.profiles.items()},
-                          "draft_costs": {d: c.source for d, c in planned.draft_costs.items()},
-                          "replans": replanner.events if replanner else []},
+            "acceptance": acceptance,
+            "optimizer": optimizer_record(planned_draft, tree, setting, replanner),
+            **({"compared": others} if others else {}),
             "summary": summarize(results, baselines),
             "greedy_agreement": greedy_agreement(results, {d: f"generate {d}" for d in config.dtypes})
             if sampling.greedy else None,
@@ -196,6 +228,13 @@ class _Proposers:
         if shared is not None:
             return lambda: LMProposer(shared)
         return lambda: self.draft.proposer(self.engines.get(dtype), dtype=dtype, device=self.config.device)
+
+    def static(self, dtype: str) -> Callable[[], Proposer]:
+        """Proposers that keep the trees they are given: a per-step draft's static self."""
+        if not self.draft.per_step:
+            return self.factory(dtype)
+        static = replace(self.draft, per_step=False)
+        return lambda: static.proposer(self.engines.get(dtype), dtype=dtype, device=self.config.device)
 
     def assistant(self, dtype: str):
         """HF's peers run plain models, as their users would."""

@@ -43,6 +43,7 @@ from sequoia.solver import expected_tokens
 from sequoia.tree import Tree
 
 RESULT_FORMAT = "sequoia-bench/1"
+RECURRENT_DEPTHS = 4  # levels of a recurrent draft measured apart (deeper ones agree within a point or two)
 Progress = Callable[[int, int, str], None]
 
 
@@ -116,8 +117,7 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         would reshape the measuring tree) and this device's plan for it."""
         counts, samples = measure_counts_by_depth(
             engines.get(measure_dtype).model, props.static(measure_dtype)(), prompts, config.acceptance_width,
-            sampling, 1 if spec.limits.max_depth is None else max(spec.limits.cap(config.max_depth), 1),
-            config.acceptance_tokens, eos, config.seed,
+            sampling, _measured_depth(spec, config.max_depth), config.acceptance_tokens, eos, config.seed,
         )
         rates = rates_by_depth(counts, samples)
         setting = Setting(label, sampling, rates if len(rates) > 1 else rates[0])
@@ -201,6 +201,15 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
         "notes": notes,
         "sections": sections,
     }
+
+
+def _measured_depth(spec: DraftSpec, max_depth: int) -> int:
+    """Tree depths the bench measures acceptance at: a trained draft's levels (a recurrent one's
+    first ``RECURRENT_DEPTHS``; the solver reuses the last row deeper down); one for the others,
+    whose acceptance does not depend on the depth."""
+    if spec.kind != "trained":
+        return 1
+    return max(1, spec.limits.cap(min(max_depth, RECURRENT_DEPTHS) if spec.limits.max_depth is None else max_depth))
 
 
 def _load_average() -> float:

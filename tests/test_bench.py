@@ -238,7 +238,7 @@ def test_a_compared_draft_gets_its_own_planned_row_and_per_step_rows_are_priced(
     (section,) = report["sections"]
     (other,) = section["compared"]
     assert other["draft"] == draft and other["acceptance"] == section["acceptance"]
-    assert len(section["acceptance"]["by_depth"]) == 3  # a recurrent draft: by depth, up to --max-depth
+    assert len(section["acceptance"]["depth_samples"]) == 3  # a recurrent draft: by depth, up to --max-depth
     static, shaped = other["optimizer"], section["optimizer"]
     rows = {row["method"].split(" (")[0]: row for row in section["summary"]}
     assert {"sequoia", f"sequoia, {draft}", "chain", "k-ary", "k-chains"} <= set(rows)

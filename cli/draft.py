@@ -69,6 +69,9 @@ def train(
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="The target the data was sampled from."),
     minutes: float | None = typer.Option(60.0, "--minutes", help="Training time budget (summed over resumes)."),
     steps: int | None = typer.Option(None, "--steps", help="Step budget (the first budget reached ends the run)."),
+    chunk_minutes: float | None = typer.Option(
+        None, "--chunk-minutes", help="Stop this run after this long and write the draft; the same command resumes."
+    ),
     vocab: int = typer.Option(8192, "--vocab", help="Reduced output vocabulary: the most frequent target outputs."),
     heads: int = typer.Option(4, "--heads", help="Tree levels the draft predicts (its maximum tree depth)."),
     batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Padded tokens per training step."),
@@ -89,6 +92,7 @@ def train(
     """Train a draft on the target's own hidden states (resumes from the work directory)."""
     settings = TrainSettings(
         kind=kind, heads=heads, vocab=vocab, batch_tokens=batch_tokens, lr=lr, seed=seed, steps=steps, minutes=minutes,
+        chunk_minutes=chunk_minutes,
         context_mix=context_mix, mix_loss=mix_loss, recurrent=recurrent, levels=levels, init_from=init_from,
     )
     stores = open_training_data(data)
@@ -102,6 +106,8 @@ def train(
     _show_card(card)
     t = card["training"]
     console.print(f"wrote {out} ({t['steps']} steps, {t['minutes']} min, {t['data_positions']:,} training positions)")
+    if t.get("budget_used", 1.0) < 1.0:
+        console.print(f"this chunk ended at {t['budget_used']:.0%} of the budget; the same command resumes the run")
 
 
 @app.command()

@@ -211,6 +211,25 @@ def test_resume_continues_the_same_run(bigram, features, tmp_path):
         train_draft(settings, train, held_out, bigram, tmp_path / "b")
 
 
+def test_a_run_in_chunks_is_the_run_straight_through(bigram, features, tmp_path):
+    """--chunk-minutes: each run stops after its chunk (here: one step) with the budget left
+    for the next, which resumes the same schedule; four chunks give the straight run's draft."""
+    train, held_out = features
+    settings = TrainSettings(kind="chimera", steps=4, checkpoint_every=50, eval_every=50, **FAST)
+    straight, report = train_draft(settings, train, held_out, bigram, tmp_path / "a")
+    chunked = TrainSettings(**{**asdict(settings), "chunk_minutes": 1e-9})
+    used = []
+    for _ in range(4):
+        model, part = train_draft(chunked, train, held_out, bigram, tmp_path / "b")
+        used.append((part.steps, part.budget_used))
+    assert used == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)] and report.budget_used == 1.0
+    assert len(part.curve) == 4  # every chunk is evaluated as it ends
+    for a, b in zip(straight.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="--chunk-minutes"):
+        TrainSettings(kind="mlp", chunk_minutes=0)
+
+
 def test_saved_draft_loads_and_decodes(tiny_target, tmp_path):
     model = random_draft("chimera", tiny_target)
     save_draft(model, tmp_path / "d", "tiny", {"training": {"steps": 1}})

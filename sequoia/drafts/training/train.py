@@ -16,7 +16,9 @@ per level over the reduced vocabulary:
 
 A run is bounded by ``steps`` or ``minutes`` (of training, evaluations and checkpoints, summed
 over resumed runs; the one-off target pass that caches features is not counted), whichever
-comes first; the learning rate warms up, then follows a cosine over that budget. Batches are
+comes first; the learning rate warms up, then follows a cosine over that budget. A budget
+longer than one sitting is trained in chunks: ``chunk_minutes`` ends this run (evaluated,
+checkpointed, the draft written as it stands) and the same command later resumes the schedule. Batches are
 drawn from a generator seeded by ``(seed, step)``, so a resumed run continues the same stream.
 The checkpoint (model, optimiser, step, elapsed time) is written atomically to the work
 directory every ``checkpoint_every`` steps and at the end.
@@ -85,6 +87,7 @@ class TrainSettings:
     seed: int = 0
     steps: int | None = None
     minutes: float | None = 60.0
+    chunk_minutes: float | None = None  # stop this run after this long; the next run resumes the budget
     eval_every: int = 50
     checkpoint_every: int = 50
     context_mix: int = MAX_NGRAM  # longest suffix of the context mix fitted after training; 0: none
@@ -99,8 +102,8 @@ class TrainSettings:
             raise ConfigError("--heads, --vocab, --batch-tokens and the intervals must be at least 1")
         if self.context_mix < 0:
             raise ConfigError(f"--context-mix must be 0 (none) or a suffix length, got {self.context_mix}")
-        if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
-            raise ConfigError("--steps and --minutes must be positive")
+        if (self.steps is not None and self.steps < 1) or any(m is not None and m <= 0 for m in (self.minutes, self.chunk_minutes)):
+            raise ConfigError("--steps, --minutes and --chunk-minutes must be positive")
         if self.mix_loss and not self.context_mix:
             raise ConfigError("--mix-loss trains through the context mix; give --context-mix a suffix length")
         if self.levels and self.levels != self.heads and not self.recurrent:
@@ -124,6 +127,7 @@ class TrainReport:
     agreement: list[LevelAgreement]  # held-out, per level (through the learned mix of a --mix-loss run)
     learned_mix: ContextMix | None = None  # the weights a --mix-loss run learned
     curve: tuple[dict[str, Any], ...] = ()  # each held-out evaluation: step, minutes, top-1 per level
+    budget_used: float = 1.0  # below 1: a chunk ended the run, the same command resumes it
 
 
 def build_draft(settings: TrainSettings, target, vocab: ReducedVocab) -> TrainedDraft:
@@ -236,7 +240,8 @@ def train_draft(
     teacher = target.get_output_embeddings().weight.detach()[vocab.ids].to(device, torch.float32)
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.precision == "bfloat16")
     scores: list[LevelAgreement] = []
-    while (done := _budget_used(settings, step, seconds)) < 1.0:
+    run_began, chunk_over = time.monotonic(), False
+    while not chunk_over and (done := _budget_used(settings, step, seconds)) < 1.0:
         began = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(settings, step, done) * group["lr_scale"]
@@ -254,7 +259,8 @@ def train_draft(
         seconds += time.monotonic() - began
         loss_value = float(loss.detach())
         loss_avg = loss_value if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss_value
-        finished = _budget_used(settings, step, seconds) >= 1.0
+        chunk_over = settings.chunk_minutes is not None and time.monotonic() - run_began >= 60 * settings.chunk_minutes
+        finished = chunk_over or _budget_used(settings, step, seconds) >= 1.0
         if step % settings.eval_every == 0 or finished:
             scores = _evaluate(model, held_out, autocast, log_mix, settings.levels or None)
             curve.append({"step": step, "minutes": round(seconds / 60, 2), "loss": round(loss_avg, 4),
@@ -267,7 +273,8 @@ def train_draft(
             progress(min(int(1000 * _budget_used(settings, step, seconds)), 1000), 1000,
                      f"{stage} step {step} loss {loss_avg:.3f} held-out top-1 {agree}")
     scores = scores or _evaluate(model, held_out, autocast, log_mix, settings.levels or None)
-    return model.eval(), TrainReport(step, seconds, loss_avg, scores, _learned_mix(log_mix), tuple(curve))
+    return model.eval(), TrainReport(step, seconds, loss_avg, scores, _learned_mix(log_mix), tuple(curve),
+                                     min(_budget_used(settings, step, seconds), 1.0))
 
 
 def _evaluate(
@@ -377,6 +384,7 @@ def train_from_store(
         "data_positions": train.generated_positions,
         "sequences": train.num_sequences, "steps": report.steps, "minutes": round(report.seconds / 60, 2),
         "loss": round(report.loss, 4), "settings": asdict(settings), "device": str(device), "curve": list(report.curve),
+        "budget_used": round(report.budget_used, 4),
         "target_dtype": dtype_name(loaded.dtype),
         **({"learned_mix": report.learned_mix.to_json()} if report.learned_mix is not None else {}),
     }})

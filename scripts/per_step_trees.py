@@ -24,6 +24,7 @@ import torch
 
 from sequoia import calibration
 from sequoia.acceptance import spine_tree
+from sequoia.drafts.card import draft_dir, read_card
 from sequoia.drafts.registry import load_trained_proposer
 from sequoia.dynamic import Calibration, TreeShaper, expected_tokens_curve
 from sequoia.models import eos_token_ids, load_model
@@ -127,8 +128,21 @@ def write_card(out: Path, card_dir: str) -> None:
     update_card(card_dir, {"per_step_trees": {**shaper.to_json(), "gain": gain}})
 
 
+def training_runs(root: Path) -> dict[str, tuple[float, list[dict]]]:
+    """Each recorded card's training curve, after the minutes of the draft it started from; the
+    shipped draft (no curve recorded) as one point: its held-out agreement at every level."""
+    shipped = read_card(draft_dir("smollm2-135m-chimera"))["training"]["minutes"]
+    reused = json.loads((root / "shipped-reused-agreement.json").read_text())
+    runs = {"shipped Chimera (4 heads, last reused deeper)": (0.0, [{"minutes": shipped, "top1": [r["top1"] for r in reused]}])}
+    for path in sorted(root.glob("*-card.json")):
+        training = json.loads(path.read_text())["training"]
+        start = shipped if training["settings"].get("init_from") == "smollm2-135m-chimera" else 0.0
+        runs[f"{path.name.removesuffix('-card.json')} ({training['steps']} steps)"] = (start, training["curve"])
+    return runs
+
+
 def report(root: Path) -> None:
-    from sequoia.figures import calibration_png, write_png
+    from sequoia.figures import calibration_png, training_curve_png, write_png
 
     rows = {}
     for path in sorted(root.glob("*/tau-*.json")):
@@ -140,6 +154,7 @@ def report(root: Path) -> None:
     reliability = {f"{k[0]} {k[1]} n={k[3]}": v["reliability"] for k, v in rows.items() if "reliability" in v}
     (root / "summary.json").write_text(json.dumps({"runs": summary, "reliability": reliability}, indent=1))
     write_png(root / "calibration.png", calibration_png(reliability))
+    write_png(root / "training-curve.png", training_curve_png(training_runs(root)))
     for r in summary:
         print(r)
 

@@ -358,3 +358,12 @@ def test_the_default_draft_is_the_packaged_one_when_it_ships(monkeypatch):
     monkeypatch.setattr(registry, "packaged_drafts", lambda: ["smollm2-135m-chimera", "smollm2-135m-mlp"])
     spec = DraftSpec.resolve(None, "smollm2-135m")
     assert (spec.name, spec.kind, spec.limits.max_depth) == ("smollm2-135m-chimera", "trained", 4)
+
+
+def test_the_training_curve_figure_draws_runs_of_any_depth():
+    from sequoia.figures import training_curve_png
+
+    curve = [{"minutes": 5.0, "top1": [0.5, 0.4, 0.3, 0.3]}, {"minutes": 10.0, "top1": [0.55, 0.45, 0.35, 0.3]}]
+    deep = [{"minutes": 3.0, "top1": [0.56] * 8}]
+    png = training_curve_png({"fresh": (0.0, curve), "fine-tuned": (10.0, deep)})
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

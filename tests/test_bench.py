@@ -12,6 +12,7 @@ from sequoia.bench.methods import (
     ForwardCounter,
     Method,
     Setting,
+    TreeRows,
     greedy_agreement,
     hf_runner,
     run_bench,
@@ -161,9 +162,9 @@ def test_benchmark_end_to_end_with_a_trained_draft_and_an_assistant(tmp_path):
 def test_baseline_trees_keep_to_the_drafts_depth(models):
     target, _, _ = models
     sequoia_tree = solve(GREEDY.acceptance, 12, 2).tree(12, 2)
-    free = tree_methods(target, NgramProposer, sequoia_tree, GREEDY.acceptance, GREEDY.sampling, (), "float32")
-    capped = tree_methods(target, NgramProposer, sequoia_tree, GREEDY.acceptance, GREEDY.sampling, (), "float32",
-                          max_depth=2)
+    rows = TreeRows(target, GREEDY.acceptance, GREEDY.sampling, (), "float32")
+    free = tree_methods(rows, NgramProposer, sequoia_tree)
+    capped = tree_methods(rows, NgramProposer, sequoia_tree, max_depth=2)
     assert max(m.tree.depth for m in free) == 11  # the best chain of 12 nodes
     assert [m.tree.depth for m in capped] == [2, 2, 2, 2] and all(m.tree.size <= 12 for m in capped)
 
@@ -190,8 +191,8 @@ def test_agreement_lines_tell_bfloat16_rounding_from_a_float32_bug():
 
 def test_a_plain_plan_runs_one_engine_row(models):
     target = models[0]
-    methods = tree_methods(target, NgramProposer, Tree((-1,)), GREEDY.acceptance, GREEDY.sampling, (), "float32",
-                           latency=(lambda n: 30.0 * n, lambda w: 0.0))
+    rows = TreeRows(target, GREEDY.acceptance, GREEDY.sampling, (), "float32", (lambda n: 30.0 * n, lambda w: 0.0))
+    methods = tree_methods(rows, NgramProposer, Tree((-1,)))
     (only,) = methods
     assert only.name == "sequoia (1 nodes, depth 0)" and only.predicted_ms_per_token == 30.0
 

@@ -152,61 +152,57 @@ def engine_runner(engine: Engine) -> Runner:
     return run
 
 
-def tree_method(
-    name: str,
-    target: PreTrainedModel,
-    proposer: Proposer,
-    tree: Tree,
-    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
-    sampling: SamplingConfig,
-    eos: Sequence[int],
-    group: str,
-    seed: int = 0,
-    replanner: Replanner | None = None,
-    latency: tuple[LatencyFn, LatencyFn, float] | None = None,
-    gain: float = 1.0,
-) -> Method:
-    """The engine decoding with ``tree`` (the budget of a per-step draft, whose expected tokens
-    per step are the static tree's times its measured ``gain``), with its predictions."""
-    engine = Engine(target, proposer, tree, sampling, eos_token_ids=eos, seed=seed, replanner=replanner)
-    expected = expected_tokens(tree, acceptance) * gain
-    predicted = evaluate(tree, expected, *latency).ms_per_token if latency else None
-    return Method(f"{name} ({tree.size} nodes, depth {tree.depth})", engine_runner(engine), group, tree, expected, predicted)
+@dataclass(frozen=True)
+class TreeRows:
+    """What the engine's tree rows of one setting share: the target, the acceptance the trees
+    are priced with, the sampling, the dtype whose greedy ``generate`` they must reproduce and
+    the latency model (target ms by tokens, draft ms by level width, draft ms per step) that
+    predicts each row's time per token."""
+
+    target: PreTrainedModel
+    acceptance: Sequence[float] | np.ndarray  # [k], or [L, k] by tree depth
+    sampling: SamplingConfig
+    eos: Sequence[int]
+    group: str
+    latency: tuple[LatencyFn, LatencyFn, float] | None = None
+    seed: int = 0
+
+    def method(self, name: str, proposer: Proposer, tree: Tree, replanner: Replanner | None = None,
+               gain: float = 1.0) -> Method:
+        """The engine decoding with ``tree`` (the budget of a per-step draft, whose expected
+        tokens per step are the static tree's times its measured ``gain``), with its predictions."""
+        engine = Engine(self.target, proposer, tree, self.sampling, eos_token_ids=self.eos, seed=self.seed,
+                        replanner=replanner)
+        expected = expected_tokens(tree, self.acceptance) * gain
+        predicted = evaluate(tree, expected, *self.latency).ms_per_token if self.latency else None
+        return Method(f"{name} ({tree.size} nodes, depth {tree.depth})", engine_runner(engine), self.group, tree,
+                      expected, predicted)
 
 
 def tree_methods(
-    target: PreTrainedModel,
+    rows: TreeRows,
     proposer_factory: Callable[[], Proposer],
     sequoia_tree: Tree,
-    acceptance: Sequence[float] | np.ndarray,  # [k], or [L, k] by tree depth
-    sampling: SamplingConfig,
-    eos: Sequence[int],
-    group: str,
-    seed: int = 0,
     max_depth: int | None = None,
     replanner: Replanner | None = None,
-    latency: tuple[LatencyFn, LatencyFn, float] | None = None,
     sequoia_proposer: Proposer | None = None,
     gain: float = 1.0,
 ) -> list[Method]:
     """The optimizer's tree and the best chain, k-ary and k-chains trees within its size (and
     ``max_depth``: the deepest tree the draft can fill, e.g. a trained draft's heads); only the
     first when it is one node (plain decoding: the others would be the same). ``replanner``
-    goes with the optimizer's tree, as in ``sequoia generate``; ``latency`` (target ms by
-    tokens, draft ms by level width, draft ms per step) predicts each tree's time per token.
-    ``sequoia_proposer`` (default: a static one from the factory) runs the optimizer's tree,
-    e.g. a per-step draft shaping its trees within it, with ``gain`` (see :func:`tree_method`);
-    the baselines keep their static shapes."""
-    methods = [tree_method("sequoia", target, sequoia_proposer or proposer_factory(), sequoia_tree, acceptance,
-                           sampling, eos, group, seed, replanner, latency, gain)]
+    goes with the optimizer's tree, as in ``sequoia generate``. ``sequoia_proposer`` (default:
+    a static one from the factory) runs the optimizer's tree, e.g. a per-step draft shaping its
+    trees within it, with ``gain`` (see :meth:`TreeRows.method`); the baselines keep their
+    static shapes."""
+    methods = [rows.method("sequoia", sequoia_proposer or proposer_factory(), sequoia_tree, replanner, gain)]
     depth = max(sequoia_tree.size - 1, 0)
     if max_depth is not None:
         depth = min(depth, max_depth)
     if sequoia_tree.size > 1:
         for label, shape in BASELINE_SHAPES.items():
-            tree = best_baseline(shape, acceptance, sequoia_tree.size, depth)
-            methods.append(tree_method(label, target, proposer_factory(), tree, acceptance, sampling, eos, group,
-                                       seed, latency=latency))
+            tree = best_baseline(shape, rows.acceptance, sequoia_tree.size, depth)
+            methods.append(rows.method(label, proposer_factory(), tree))
     return methods
 
 
@@ -309,7 +305,6 @@ def setting_methods(
     alone = Engine(engine_target, NoDraft(), Tree((-1,)), setting.sampling, eos_token_ids=eos)
     methods.append(Method(ENGINE_ALONE, engine_runner(alone), engine_dtype, alone.tree, 1.0,
                           latency[0](1.0) if latency else None))
-    methods += tree_methods(engine_target, proposer_factory, sequoia_tree, setting.acceptance, setting.sampling, eos,
-                            engine_dtype, max_depth=max_depth, replanner=replanner, latency=latency,
-                            sequoia_proposer=sequoia_proposer, gain=gain)
+    rows = TreeRows(engine_target, setting.acceptance, setting.sampling, eos, engine_dtype, latency)
+    methods += tree_methods(rows, proposer_factory, sequoia_tree, max_depth, replanner, sequoia_proposer, gain)
     return methods

@@ -29,7 +29,7 @@ import torch
 
 from sequoia import device as devices
 from sequoia.acceptance import measure_counts_by_depth, rates_by_depth
-from sequoia.bench.methods import Setting, greedy_agreement, run_bench, setting_methods, summarize, tree_method
+from sequoia.bench.methods import Setting, TreeRows, greedy_agreement, run_bench, setting_methods, summarize
 from sequoia.drafts import DraftSpec, LMProposer, NoDraft, Proposer
 from sequoia.errors import ConfigError
 from sequoia.models import DEFAULT_MODEL, eos_token_ids, load_model
@@ -165,11 +165,10 @@ def benchmark(config: BenchConfig, progress: Progress | None = None) -> dict[str
             other_setting, other, other_acceptance = planned(spec, props, sampling, label)
             other_tree, other_dtype = other.plan.tree, other.plan.dtype
             other_replanner = other.replanner() if config.replan else None
-            methods.append(tree_method(
-                f"sequoia, {spec}", engines.get(other_dtype).model,
-                props.factory(other_dtype)() if other_tree.size > 1 else NoDraft(), other_tree,
-                other_setting.acceptance, sampling, eos, other_dtype, replanner=other_replanner,
-                latency=other.latency_fns(other_dtype), gain=other.gain(other_tree.size)))
+            rows = TreeRows(engines.get(other_dtype).model, other_setting.acceptance, sampling, eos, other_dtype,
+                            other.latency_fns(other_dtype))
+            methods.append(rows.method(f"sequoia, {spec}", props.factory(other_dtype)() if other_tree.size > 1 else NoDraft(),
+                                       other_tree, other_replanner, other.gain(other_tree.size)))
             others.append({"draft": str(spec), "acceptance": other_acceptance,
                            "optimizer": optimizer_record(other, other_tree, other_setting, other_replanner)})
         step = (lambda done, total, name, lbl=label: progress(done, total, f"{lbl}: {name}")) if progress else None

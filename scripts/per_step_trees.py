@@ -153,7 +153,7 @@ def report(root: Path) -> None:
         if x in v}} for k, v in sorted(rows.items())]
     reliability = {f"{k[0]} {k[1]} n={k[3]}": v["reliability"] for k, v in rows.items() if "reliability" in v}
     (root / "summary.json").write_text(json.dumps({"runs": summary, "reliability": reliability}, indent=1))
-    write_png(root / "calibration.png", calibration_png(reliability))
+    write_png(root / "calibration.png", calibration_png({k: v for k, v in reliability.items() if k.endswith("n=32")}))
     write_png(root / "training-curve.png", training_curve_png(training_runs(root)))
     for r in summary:
         print(r)

@@ -18,8 +18,9 @@ A run is bounded by ``steps`` or ``minutes`` (of training, evaluations and check
 over resumed runs; the one-off target pass that caches features is not counted), whichever
 comes first; the learning rate warms up, then follows a cosine over that budget. A budget
 longer than one sitting is trained in chunks: ``chunk_minutes`` ends this run (evaluated,
-checkpointed, the draft written as it stands) and the same command later resumes the schedule. Batches are
-drawn from a generator seeded by ``(seed, step)``, so a resumed run continues the same stream.
+checkpointed, the draft written as it stands) and the same command later resumes the
+schedule. Batches are drawn from a generator seeded by ``(seed, step)``, so a resumed run
+continues the same stream.
 The checkpoint (model, optimiser, step, elapsed time) is written atomically to the work
 directory every ``checkpoint_every`` steps and at the end.
 """

@@ -111,10 +111,15 @@ class DevicePlan:
         draft = draft_latency_fn(profile, None, self.prefix_len, costs)
         return (lambda n: profile.latency(n, self.prefix_len)), draft, draft_step_ms(costs)
 
+    @property
+    def gains(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Expected tokens per step over a static tree's, by tree size: a per-step draft's
+        measured gain (1 for a static draft; :meth:`DraftLimits.gain`)."""
+        return DraftLimits(per_step_gain=self.per_step_gain).gain
+
     def gain(self, size: int) -> float:
-        """Expected tokens per step at ``size`` nodes over a static tree's: a per-step draft's
-        measured gain (1 for a static draft)."""
-        return float(DraftLimits(per_step_gain=self.per_step_gain).gain(np.array([size]))[0])
+        """:attr:`gains` at one tree size."""
+        return float(self.gains(np.array([size]))[0])
 
     def replanner(self) -> Replanner | None:
         """A :class:`Replanner` for the plan's tree (None for plain decoding: nothing to fall to)."""
@@ -123,7 +128,7 @@ class DevicePlan:
         target_ms, draft_ms, step_ms = self.latency_fns()
         largest = int(max(self.profiles[self.plan.dtype].profile.target.tokens))
         return Replanner(self.plan.tree, self.acceptance, target_ms, draft_ms, largest, self.max_depth,
-                         plain_ms=self.plan.plain_ms, gain=DraftLimits(per_step_gain=self.per_step_gain).gain,
+                         plain_ms=self.plan.plain_ms, gain=self.gains,
                          step_ms=step_ms)
 
     def describe(self) -> str:
